@@ -1,0 +1,446 @@
+"""Prometheus metrics of the elastic trainer and the controller, the exporter, and the event log.
+
+The metric names are a public contract (DESIGN.md, section Metrics): the Grafana dashboard and the
+alert rules in ``dashboards/`` query exactly these names. Every series carries the label
+``job_name`` (``job`` is reserved by Prometheus for the scrape job).
+
+Every metric is registered in an injectable ``CollectorRegistry``. When none is given, the object
+creates its own fresh registry (exposed as ``.registry``) so that two jobs in one process never
+collide; to serve trainer and controller metrics from one endpoint, pass the same registry to both::
+
+    registry = CollectorRegistry()
+    trainer_metrics = TrainerMetrics("digits", registry=registry, log_path=run_dir / "metrics.jsonl")
+    controller_metrics = ControllerMetrics("digits", registry=registry)
+    exporter = start_exporter(registry, addr="127.0.0.1", port=9464)
+    ...
+    trainer_metrics.record_step(StepRecord(...))
+    ...
+    exporter.close(); trainer_metrics.close()
+
+Besides the live metrics, ``log_path`` (optional) receives one JSON object per event and line
+(``{"kind": "step", "time_s": ..., ...}``), flushed per line, so that ``elastic report`` can draw a
+run after the fact and a crash loses at most the line being written.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import math
+import socket
+import threading
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import IO, Any
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+
+__all__ = [
+    "CONTROLLER_METRIC_NAMES",
+    "RESIZE_CAUSES",
+    "RESIZE_DIRECTIONS",
+    "DECISION_ACTIONS",
+    "TRAINER_METRIC_NAMES",
+    "ControllerMetrics",
+    "Exporter",
+    "MetricsError",
+    "NullTrainerMetrics",
+    "StepRecord",
+    "TrainerMetrics",
+    "start_exporter",
+]
+
+
+class MetricsError(ValueError):
+    """A metrics setting or a recorded value is invalid; the message names the field."""
+
+
+# The contract of DESIGN.md; tests check that each name is exposed and that each is in a dashboard panel.
+TRAINER_METRIC_NAMES: tuple[str, ...] = (
+    "elastic_workers",
+    "elastic_target_workers",
+    "elastic_global_batch_size",
+    "elastic_scale",
+    "elastic_gain_ratio",
+    "elastic_statistical_efficiency",
+    "elastic_progress",
+    "elastic_learning_rate",
+    "elastic_gradient_variance",
+    "elastic_gradient_sqnorm",
+    "elastic_loss",
+    "elastic_goodput",
+    "elastic_steps_total",
+    "elastic_samples_total",
+    "elastic_step_seconds",
+    "elastic_resizes_total",
+    "elastic_resize_seconds",
+    "elastic_worker_failures_total",
+    "elastic_skipped_steps_total",
+    "elastic_checkpoints_total",
+    "elastic_checkpoint_seconds",
+)
+CONTROLLER_METRIC_NAMES: tuple[str, ...] = (
+    "elastic_controller_desired_workers",
+    "elastic_controller_capacity_workers",
+    "elastic_controller_decisions_total",
+    "elastic_controller_actuation_seconds",
+    "elastic_controller_reconcile_errors_total",
+)
+
+RESIZE_DIRECTIONS: tuple[str, ...] = ("grow", "shrink")
+RESIZE_CAUSES: tuple[str, ...] = ("schedule", "controller", "failure", "manual")
+DECISION_ACTIONS: tuple[str, ...] = ("grow", "shrink", "noop")
+# Reasons known in advance are created at zero so that increase() sees the first skip.
+KNOWN_SKIP_REASONS: tuple[str, ...] = ("nonfinite",)
+
+# Buckets in seconds. A CPU step on the digits CNN is ~20 ms, a ResNet step on a GPU ~0.1-1 s.
+STEP_SECONDS_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+# An in-place resize pauses about a second; a restart-based one tens of seconds to minutes.
+RESIZE_SECONDS_BUCKETS = (0.1, 0.25, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0)
+CHECKPOINT_SECONDS_BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
+# Adding a Ray node locally takes seconds; a KubeRay pod on a fresh GPU node can take minutes.
+ACTUATION_SECONDS_BUCKETS = (0.01, 0.05, 0.1, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0)
+
+_JOB_LABEL = "job_name"
+
+
+@dataclass(frozen=True)
+class StepRecord:
+    """Everything the trainer knows after one completed optimizer step (the values of that step)."""
+
+    step: int
+    """Index of the completed step (0-based or 1-based, as the trainer counts; only logged)."""
+    time_s: float
+    """Unix time at which the step completed."""
+    workers: int
+    """World size the step ran at."""
+    target_workers: int
+    """World size the trainer is heading for (the controller's or the schedule's target)."""
+    global_batch_size: int
+    """Samples per step over all workers and micro-batches."""
+    scale: float
+    """AdaScale's S."""
+    gain: float
+    """AdaScale's gain ratio r_t, in [1, S]."""
+    efficiency: float
+    """gain / scale."""
+    progress: float
+    """tau: scale-invariant iterations so far."""
+    learning_rate: float
+    """Effective learning rate applied at this step (r_t * base_lr * schedule(tau))."""
+    grad_variance: float
+    """Smoothed sigma^2 estimate."""
+    grad_sqnorm: float
+    """Smoothed mu^2 estimate."""
+    loss: float
+    """Training loss of the step (mean over the global batch)."""
+    step_seconds: float
+    """Wall time of the step."""
+    samples: int
+    """Samples consumed by this step (normally global_batch_size)."""
+    samples_per_s: float
+    """Throughput of this step."""
+    goodput: float
+    """samples_per_s * efficiency: samples per second worth of scale-1 progress."""
+
+    def __post_init__(self) -> None:
+        for name in ("workers", "target_workers", "global_batch_size"):
+            if getattr(self, name) < 1:
+                raise MetricsError(f"StepRecord.{name}: must be >= 1, got {getattr(self, name)}")
+        for name in ("step", "samples"):
+            if getattr(self, name) < 0:
+                raise MetricsError(f"StepRecord.{name}: must be >= 0, got {getattr(self, name)}")
+        if not self.step_seconds >= 0:  # also rejects NaN
+            raise MetricsError(f"StepRecord.step_seconds: must be >= 0, got {self.step_seconds}")
+
+
+class _EventLog:
+    """Appends one JSON object per line; non-finite floats become null so any JSON reader copes."""
+
+    def __init__(self, path: Path | None) -> None:
+        self._lock = threading.Lock()
+        self._file: IO[str] | None = None
+        if path is not None:
+            path = Path(path)
+            try:
+                path.parent.mkdir(parents=True, exist_ok=True)
+                self._file = path.open("a", encoding="utf-8")
+            except OSError as exc:
+                raise MetricsError(f"metrics log_path: cannot open {path}: {exc.strerror}") from exc
+
+    def write(self, kind: str, time_s: float, **fields: Any) -> None:
+        if self._file is None:
+            return
+        event = {"kind": kind, "time_s": time_s}
+        event.update({k: _json_safe(v) for k, v in fields.items()})
+        line = json.dumps(event, allow_nan=False, separators=(",", ":"))
+        with self._lock:
+            if self._file is None:
+                return
+            self._file.write(line + "\n")
+            self._file.flush()
+
+    def close(self) -> None:
+        with self._lock:
+            if self._file is not None:
+                self._file.close()
+                self._file = None
+
+
+def _json_safe(value: Any) -> Any:
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
+
+
+def _register(metric_cls: type, name: str, doc: str, registry: CollectorRegistry,
+              labels: tuple[str, ...] = (), **kwargs: Any) -> Any:
+    try:
+        return metric_cls(name, doc, (_JOB_LABEL, *labels), registry=registry, **kwargs)
+    except ValueError as exc:  # client_python raises ValueError on duplicates
+        raise MetricsError(f"metrics registry: {name} is already registered ({exc}); "
+                           "use one TrainerMetrics / ControllerMetrics per registry") from exc
+
+
+def _check_job_name(job_name: str) -> str:
+    if not isinstance(job_name, str) or not job_name:
+        raise MetricsError(f"metrics job_name: must be a non-empty string, got {job_name!r}")
+    return job_name
+
+
+def _check_choice(field: str, value: str, allowed: tuple[str, ...]) -> None:
+    if value not in allowed:
+        raise MetricsError(f"{field}: {value!r} is not one of {', '.join(allowed)}")
+
+
+def _check_seconds(field: str, seconds: float) -> None:
+    if not (isinstance(seconds, (int, float)) and math.isfinite(seconds) and seconds >= 0):
+        raise MetricsError(f"{field}: must be a finite number of seconds >= 0, got {seconds!r}")
+
+
+class TrainerMetrics:
+    """The trainer's metrics (one job per instance) and its event log."""
+
+    def __init__(self, job_name: str, registry: CollectorRegistry | None = None,
+                 log_path: Path | None = None) -> None:
+        self.job_name = _check_job_name(job_name)
+        self.registry = registry if registry is not None else CollectorRegistry()
+        r = self.registry
+        job = {_JOB_LABEL: self.job_name}
+
+        def gauge(name: str, doc: str) -> Gauge:
+            return _register(Gauge, name, doc, r).labels(**job)
+
+        self._workers = gauge("elastic_workers", "Workers in the current group (world size).")
+        self._target_workers = gauge("elastic_target_workers", "Workers the trainer is heading for.")
+        self._global_batch = gauge("elastic_global_batch_size", "Samples per step over all workers.")
+        self._scale = gauge("elastic_scale", "AdaScale scale S (global batch / scale-1 batch).")
+        self._gain = gauge("elastic_gain_ratio", "AdaScale gain ratio r_t of the last step, in [1, S].")
+        self._efficiency = gauge("elastic_statistical_efficiency", "Gain ratio / scale, in (0, 1].")
+        self._progress = gauge("elastic_progress", "tau: scale-invariant iterations so far.")
+        self._lr = gauge("elastic_learning_rate", "Effective learning rate of the last step.")
+        self._grad_var = gauge("elastic_gradient_variance", "Smoothed gradient variance estimate sigma^2.")
+        self._grad_sqnorm = gauge("elastic_gradient_sqnorm", "Smoothed squared gradient norm estimate mu^2.")
+        self._loss = gauge("elastic_loss", "Training loss of the last step.")
+        self._goodput = gauge("elastic_goodput", "Samples per second times statistical efficiency.")
+
+        self._steps = _register(Counter, "elastic_steps_total", "Completed optimizer steps.", r).labels(**job)
+        self._samples = _register(Counter, "elastic_samples_total", "Samples consumed.", r).labels(**job)
+        self._step_seconds = _register(Histogram, "elastic_step_seconds", "Wall time of one step.", r,
+                                       buckets=STEP_SECONDS_BUCKETS).labels(**job)
+
+        self._resizes = _register(Counter, "elastic_resizes_total", "Completed resizes of the worker group.",
+                                  r, labels=("direction", "cause"))
+        for direction in RESIZE_DIRECTIONS:
+            for cause in RESIZE_CAUSES:
+                self._resizes.labels(direction=direction, cause=cause, **job)
+        self._resize_seconds = _register(Histogram, "elastic_resize_seconds",
+                                         "Time training was paused by a resize.", r,
+                                         buckets=RESIZE_SECONDS_BUCKETS).labels(**job)
+        self._failures = _register(Counter, "elastic_worker_failures_total",
+                                   "Workers lost unexpectedly (died, preempted).", r).labels(**job)
+        self._skipped = _register(Counter, "elastic_skipped_steps_total",
+                                  "Steps skipped without updating the model.", r, labels=("reason",))
+        for reason in KNOWN_SKIP_REASONS:
+            self._skipped.labels(reason=reason, **job)
+        self._checkpoints = _register(Counter, "elastic_checkpoints_total",
+                                      "Durable checkpoints written.", r).labels(**job)
+        self._checkpoint_seconds = _register(Histogram, "elastic_checkpoint_seconds",
+                                             "Time to write one checkpoint.", r,
+                                             buckets=CHECKPOINT_SECONDS_BUCKETS).labels(**job)
+        self._log = _EventLog(log_path)
+
+    def record_step(self, rec: StepRecord) -> None:
+        self._workers.set(rec.workers)
+        self._target_workers.set(rec.target_workers)
+        self._global_batch.set(rec.global_batch_size)
+        self._scale.set(rec.scale)
+        self._gain.set(rec.gain)
+        self._efficiency.set(rec.efficiency)
+        self._progress.set(rec.progress)
+        self._lr.set(rec.learning_rate)
+        self._grad_var.set(rec.grad_variance)
+        self._grad_sqnorm.set(rec.grad_sqnorm)
+        self._loss.set(rec.loss)
+        self._goodput.set(rec.goodput)
+        self._steps.inc()
+        self._samples.inc(rec.samples)
+        self._step_seconds.observe(rec.step_seconds)
+        fields = asdict(rec)
+        time_s = fields.pop("time_s")
+        self._log.write("step", time_s, **fields)
+
+    def record_resize(self, direction: str, cause: str, pause_s: float,
+                      from_workers: int, to_workers: int) -> None:
+        _check_choice("resize direction", direction, RESIZE_DIRECTIONS)
+        _check_choice("resize cause", cause, RESIZE_CAUSES)
+        _check_seconds("resize pause_s", pause_s)
+        if to_workers < 1 or from_workers < 1 or (direction == "grow") != (to_workers > from_workers) \
+                or to_workers == from_workers:
+            raise MetricsError(f"resize direction: {direction!r} does not match {from_workers} -> {to_workers} workers")
+        self._resizes.labels(direction=direction, cause=cause, job_name=self.job_name).inc()
+        self._resize_seconds.observe(pause_s)
+        self._workers.set(to_workers)
+        self._log.write("resize", time.time(), direction=direction, cause=cause, pause_s=pause_s,
+                        from_workers=from_workers, to_workers=to_workers)
+
+    def record_failure(self, count: int = 1) -> None:
+        if count < 1:
+            raise MetricsError(f"failure count: must be >= 1, got {count}")
+        self._failures.inc(count)
+        self._log.write("failure", time.time(), count=count)
+
+    def record_skip(self, reason: str) -> None:
+        if not reason:
+            raise MetricsError("skip reason: must be a non-empty string")
+        self._skipped.labels(reason=reason, job_name=self.job_name).inc()
+        self._log.write("skip", time.time(), reason=reason)
+
+    def record_checkpoint(self, seconds: float) -> None:
+        _check_seconds("checkpoint seconds", seconds)
+        self._checkpoints.inc()
+        self._checkpoint_seconds.observe(seconds)
+        self._log.write("checkpoint", time.time(), seconds=seconds)
+
+    def set_target_workers(self, n: int) -> None:
+        if n < 1:
+            raise MetricsError(f"target_workers: must be >= 1, got {n}")
+        self._target_workers.set(n)
+
+    def close(self) -> None:
+        self._log.close()
+
+
+class NullTrainerMetrics:
+    """Metrics switched off: same methods as TrainerMetrics, each does nothing."""
+
+    def record_step(self, rec: StepRecord) -> None:
+        pass
+
+    def record_resize(self, direction: str, cause: str, pause_s: float,
+                      from_workers: int, to_workers: int) -> None:
+        pass
+
+    def record_failure(self, count: int = 1) -> None:
+        pass
+
+    def record_skip(self, reason: str) -> None:
+        pass
+
+    def record_checkpoint(self, seconds: float) -> None:
+        pass
+
+    def set_target_workers(self, n: int) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+class ControllerMetrics:
+    """The reconcile loop's metrics: what it wanted, what the cluster could give, how acting went."""
+
+    def __init__(self, job_name: str, registry: CollectorRegistry | None = None,
+                 log_path: Path | None = None) -> None:
+        self.job_name = _check_job_name(job_name)
+        self.registry = registry if registry is not None else CollectorRegistry()
+        r = self.registry
+        job = {_JOB_LABEL: self.job_name}
+        self._desired = _register(Gauge, "elastic_controller_desired_workers",
+                                  "Workers the policy asked for at the last decision.", r).labels(**job)
+        self._capacity = _register(Gauge, "elastic_controller_capacity_workers",
+                                   "Workers the cluster could host at the last decision.", r).labels(**job)
+        self._decisions = _register(Counter, "elastic_controller_decisions_total",
+                                    "Decisions of the policy, by action.", r, labels=("action",))
+        for action in DECISION_ACTIONS:
+            self._decisions.labels(action=action, **job)
+        self._actuation = _register(Histogram, "elastic_controller_actuation_seconds",
+                                    "Time for the actuator to carry out a resize.", r,
+                                    buckets=ACTUATION_SECONDS_BUCKETS).labels(**job)
+        self._errors = _register(Counter, "elastic_controller_reconcile_errors_total",
+                                 "Reconcile iterations that failed.", r).labels(**job)
+        self._log = _EventLog(log_path)
+
+    def record_decision(self, action: str, desired: int, capacity: int) -> None:
+        _check_choice("decision action", action, DECISION_ACTIONS)
+        if desired < 0 or capacity < 0:
+            raise MetricsError(f"decision: desired and capacity must be >= 0, got {desired}, {capacity}")
+        self._decisions.labels(action=action, job_name=self.job_name).inc()
+        self._desired.set(desired)
+        self._capacity.set(capacity)
+        self._log.write("decision", time.time(), action=action, desired=desired, capacity=capacity)
+
+    def record_actuation(self, seconds: float) -> None:
+        _check_seconds("actuation seconds", seconds)
+        self._actuation.observe(seconds)
+
+    def record_reconcile_error(self) -> None:
+        self._errors.inc()
+
+    def close(self) -> None:
+        self._log.close()
+
+
+class Exporter:
+    """A running /metrics HTTP endpoint; ``close()`` stops it and frees the port."""
+
+    def __init__(self, server: Any, thread: threading.Thread, addr: str) -> None:
+        self._server = server
+        self._thread = thread
+        self.addr = addr
+        self.port: int = server.server_address[1]
+
+    @property
+    def url(self) -> str:
+        host = f"[{self.addr}]" if ":" in self.addr else self.addr
+        return f"http://{host}:{self.port}/metrics"
+
+    def close(self) -> None:
+        if self._server is None:
+            return
+        self._server.shutdown()
+        self._server.server_close()
+        self._thread.join(timeout=5)
+        self._server = None
+
+    def __enter__(self) -> Exporter:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def start_exporter(registry: CollectorRegistry, addr: str = "127.0.0.1", port: int = 0) -> Exporter:
+    """Serves ``registry`` at http://addr:port/metrics in a daemon thread; port 0 picks a free port."""
+    if not isinstance(port, int) or not 0 <= port <= 65535:
+        raise MetricsError(f"metrics.port: must be an integer in 0..65535, got {port!r}")
+    try:
+        server, thread = start_http_server(port, addr=addr, registry=registry)
+    except OSError as exc:
+        if exc.errno == errno.EADDRINUSE:
+            raise MetricsError(f"metrics.port: {port} is already in use on {addr}") from exc
+        if exc.errno == errno.EADDRNOTAVAIL or isinstance(exc, socket.gaierror):
+            raise MetricsError(f"metrics.addr: cannot bind {addr} (not an address of this machine)") from exc
+        raise MetricsError(f"metrics: cannot serve on {addr}:{port}: {exc.strerror or exc}") from exc
+    return Exporter(server, thread, addr)
