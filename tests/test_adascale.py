@@ -1,0 +1,270 @@
+"""AdaScale: golden gains, estimator accuracy, distributed agreement, edge cases, typed errors."""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+
+from elastic.adascale import AdaScale, AdaScaleError, gain_ratio
+from elastic.schedules import Step
+from tests import dist_helpers as dh
+
+
+def paper_gain(grads: list[torch.Tensor], scale: int) -> tuple[float, float, float]:
+    """The paper's estimators and gain for one step, computed independently in float64."""
+    g = [x.double() for x in grads]
+    s = len(g)
+    mean = torch.stack(g).mean(0)
+    sum_sq = sum(float(x.dot(x)) for x in g)
+    sigma2 = (sum_sq - s * float(mean.dot(mean))) / (s - 1)
+    mu2 = float(mean.dot(mean)) - sigma2 / s
+    sigma2_c, mu2_c = max(sigma2, 1e-6), max(mu2, 0.0)
+    r = (sigma2_c + mu2_c) / (sigma2_c / scale + mu2_c)
+    return min(max(r, 1.0), scale), sigma2, mu2
+
+
+def linear_param_step(opt: AdaScale, w: torch.nn.Parameter, grads: list[torch.Tensor]) -> bool:
+    """Backward passes whose micro-batch gradients are exactly `grads` (loss_i = <w, c_i>)."""
+    for c in grads:
+        (w @ c / len(grads)).backward()
+    took = opt.step()
+    opt.zero_grad()
+    return took
+
+
+def test_golden_gain_matches_paper_formula():
+    torch.manual_seed(1)
+    scale = 4
+    w = torch.nn.Parameter(torch.zeros(5))
+    opt = AdaScale(torch.optim.SGD([w], lr=0.1), accumulation_steps=scale)
+    grads = [torch.randn(5) + torch.tensor([2.0, 0, 0, 0, 0]) for _ in range(scale)]
+    expected, sigma2, mu2 = paper_gain(grads, scale)
+    before = w.detach().clone()
+    assert linear_param_step(opt, w, grads)
+    assert opt.gain == pytest.approx(expected, rel=1e-6)
+    assert opt.grad_variance == pytest.approx(sigma2, rel=1e-6)
+    assert opt.grad_sqnorm == pytest.approx(mu2, rel=1e-6)
+    assert opt.progress == pytest.approx(expected, rel=1e-6)
+    # The update is r * lr * g_bar.
+    g_bar = torch.stack(grads).mean(0)
+    assert torch.allclose(w.detach(), before - expected * 0.1 * g_bar, atol=1e-6)
+    assert opt.efficiency == pytest.approx(expected / scale)
+
+
+def test_golden_hand_values():
+    # Two gradients [1, 0] and [-1, 0]: g_bar = 0, so sigma^2 = 2 and mu^2 = -1 -> clipped to 0: r = S.
+    w = torch.nn.Parameter(torch.zeros(2))
+    opt = AdaScale(torch.optim.SGD([w], lr=1.0), accumulation_steps=2)
+    linear_param_step(opt, w, [torch.tensor([1.0, 0.0]), torch.tensor([-1.0, 0.0])])
+    assert opt.grad_variance == pytest.approx(2.0)
+    assert opt.grad_sqnorm == pytest.approx(-1.0)
+    assert opt.gain == pytest.approx(2.0)
+    # Identical gradients: sigma^2 = 0 (clipped to 1e-6), mu^2 = 1 -> r = (1e-6 + 1) / (0.5e-6 + 1).
+    w2 = torch.nn.Parameter(torch.zeros(2))
+    opt2 = AdaScale(torch.optim.SGD([w2], lr=1.0), accumulation_steps=2)
+    linear_param_step(opt2, w2, [torch.tensor([1.0, 0.0]), torch.tensor([1.0, 0.0])])
+    assert opt2.gain == pytest.approx((1e-6 + 1) / (0.5e-6 + 1), abs=1e-9)
+
+
+def test_smoothing_is_plain_mean_then_ema():
+    torch.manual_seed(2)
+    w = torch.nn.Parameter(torch.zeros(3))
+    opt = AdaScale(torch.optim.SGD([w], lr=0.0), accumulation_steps=3, smoothing=0.5)
+    estimates = []
+    for _ in range(4):
+        grads = [torch.randn(3) for _ in range(3)]
+        _, s2, _ = paper_gain(grads, 3)
+        estimates.append(s2)
+        linear_param_step(opt, w, grads)
+    # n=1: w=1; n=2: w=max(1/2, 0.5); n=3: w=max(1/3, 0.5)=0.5; n=4: 0.5.
+    expect = estimates[0]
+    for n, s2 in enumerate(estimates[1:], start=2):
+        expect += max(1 / n, 0.5) * (s2 - expect)
+    assert opt.grad_variance == pytest.approx(expect, rel=1e-5)
+
+
+def test_estimates_match_exact_values_on_linear_regression():
+    """sigma^2 and mu^2 of least squares at a fixed point, computed exactly from the data."""
+    g = torch.Generator().manual_seed(3)
+    n, dim, batch, scale = 4096, 20, 8, 8
+    x = torch.randn(n, dim, generator=g, dtype=torch.float64)
+    w_true = torch.randn(dim, generator=g, dtype=torch.float64)
+    y = x @ w_true + 0.7 * torch.randn(n, generator=g, dtype=torch.float64)
+    w_eval = w_true + 0.4 * torch.randn(dim, generator=g, dtype=torch.float64)
+    # Per-sample gradients of 0.5 * (x.w - y)^2 at w_eval.
+    per_sample = (x @ w_eval - y).unsqueeze(1) * x
+    full = per_sample.mean(0)
+    mu2_exact = float(full.dot(full))
+    # A scale-1 batch is `batch` samples drawn with replacement: its covariance is cov/batch.
+    sigma2_exact = float(((per_sample - full) ** 2).sum(1).mean()) / batch
+
+    w = torch.nn.Parameter(w_eval.clone().float())
+    opt = AdaScale(torch.optim.SGD([w], lr=0.0), accumulation_steps=scale)
+    for _ in range(400):
+        for _ in range(scale):
+            idx = torch.randint(0, n, (batch,), generator=g)
+            loss = 0.5 * ((x[idx].float() @ w - y[idx].float()) ** 2).mean()
+            (loss / scale).backward()
+        opt.step()
+        opt.zero_grad()
+    assert opt.grad_variance == pytest.approx(sigma2_exact, rel=0.10)
+    assert opt.grad_sqnorm == pytest.approx(mu2_exact, rel=0.10)
+    assert opt.gain == pytest.approx(gain_ratio(sigma2_exact, mu2_exact, scale), rel=0.10)
+
+
+def test_scale_one_gain_is_exactly_one():
+    model = dh.make_model()
+    opt = AdaScale(torch.optim.SGD(model.parameters(), lr=0.1))
+    hist = dh.run_steps(model, opt, model, lambda s: dh.micro_batches(s, 1), steps=3, accumulation=1)
+    assert [h[0] for h in hist] == [1.0, 1.0, 1.0]
+    assert opt.progress == 3.0
+    assert opt.scale == 1.0 and opt.efficiency == 1.0
+
+
+def test_set_scale_gives_gain_at_new_scale():
+    torch.manual_seed(4)
+    w = torch.nn.Parameter(torch.zeros(4))
+    opt = AdaScale(torch.optim.SGD([w], lr=0.01), accumulation_steps=4)
+    for _ in range(5):
+        linear_param_step(opt, w, [torch.randn(4) + 1.0 for _ in range(4)])
+    assert opt.scale == 4
+    opt.set_scale(2, accumulation_steps=2)
+    grads = [torch.randn(4) + 1.0 for _ in range(2)]
+    linear_param_step(opt, w, grads)
+    assert opt.scale == 2
+    # The estimates folded this step's sample in; the gain is the formula at the NEW scale.
+    assert opt.gain == pytest.approx(gain_ratio(opt.grad_variance, opt.grad_sqnorm, 2), rel=1e-9)
+    assert 1.0 <= opt.gain <= 2.0
+    assert opt.efficiency == pytest.approx(opt.gain / 2)
+
+
+def test_state_dict_round_trip_continues_bit_identically():
+    model = dh.make_model()
+    sched = Step(total_progress=20, milestones=(0.3,), gamma=0.5)
+    opt = AdaScale(torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, weight_decay=1e-3),
+                   accumulation_steps=3, lr_schedule=sched)
+    micro = lambda s: dh.micro_batches(s, 3)  # noqa: E731
+    dh.run_steps(model, opt, model, micro, steps=4, accumulation=3)
+    saved_model = copy.deepcopy(model.state_dict())
+    saved_opt = copy.deepcopy(opt.state_dict())
+    later = lambda s: dh.micro_batches(s + 4, 3)  # noqa: E731
+    hist_a = dh.run_steps(model, opt, model, later, steps=4, accumulation=3)
+
+    model_b = dh.make_model()
+    model_b.load_state_dict(saved_model)
+    opt_b = AdaScale(torch.optim.SGD(model_b.parameters(), lr=0.05, momentum=0.9, weight_decay=1e-3),
+                     accumulation_steps=3, lr_schedule=sched)
+    opt_b.load_state_dict(saved_opt)
+    hist_b = dh.run_steps(model_b, opt_b, model_b, later, steps=4, accumulation=3)
+    assert hist_a == hist_b
+    for pa, pb in zip(model.parameters(), model_b.parameters()):
+        assert torch.equal(pa, pb)
+
+
+def test_parameters_without_grad_are_ignored():
+    used = torch.nn.Parameter(torch.ones(3))
+    unused = torch.nn.Parameter(torch.ones(3))
+    opt = AdaScale(torch.optim.SGD([used, unused], lr=0.1, momentum=0.9), accumulation_steps=2)
+    for c in (torch.tensor([1.0, 2, 3]), torch.tensor([3.0, 2, 1])):
+        (used @ c / 2).backward()
+    assert opt.step()
+    assert unused.grad is None
+    assert torch.equal(unused.detach(), torch.ones(3))
+    assert math.isfinite(opt.gain) and 1.0 <= opt.gain <= 2.0
+
+
+def test_nonfinite_gradient_skips_step_and_keeps_estimates():
+    torch.manual_seed(5)
+    w = torch.nn.Parameter(torch.zeros(3))
+    opt = AdaScale(torch.optim.SGD([w], lr=0.1, momentum=0.9), accumulation_steps=2)
+    linear_param_step(opt, w, [torch.randn(3), torch.randn(3)])
+    state = (opt.grad_variance, opt.grad_sqnorm, opt.progress, opt.gain, w.detach().clone())
+    assert not linear_param_step(opt, w, [torch.tensor([float("nan"), 0, 0]), torch.randn(3)])
+    assert not linear_param_step(opt, w, [torch.tensor([float("inf"), 0, 0]), torch.randn(3)])
+    assert opt.skipped_steps == 2
+    assert (opt.grad_variance, opt.grad_sqnorm, opt.progress, opt.gain) == state[:4]
+    assert torch.equal(w.detach(), state[4])
+    assert linear_param_step(opt, w, [torch.randn(3), torch.randn(3)])  # and it goes on
+    assert opt.steps == 2
+
+
+def test_adam_uses_square_root_gain():
+    w = torch.nn.Parameter(torch.zeros(2))
+    opt = AdaScale(torch.optim.Adam([w], lr=0.01), accumulation_steps=2)
+    linear_param_step(opt, w, [torch.tensor([1.0, 0.0]), torch.tensor([-1.0, 0.0])])
+    assert opt.gain == pytest.approx(2.0)
+    assert opt.learning_rate == pytest.approx(0.01 * math.sqrt(2.0))
+
+
+def test_lr_schedule_uses_floor_of_progress():
+    w = torch.nn.Parameter(torch.zeros(2))
+    seen = []
+    opt = AdaScale(torch.optim.SGD([w], lr=1.0), lr_schedule=lambda tau: seen.append(tau) or 0.5)
+    for _ in range(3):
+        (w @ torch.ones(2)).backward()
+        opt.step()
+        opt.zero_grad()
+    assert seen == [0, 1, 2]
+    assert opt.learning_rate == 0.5
+
+
+@pytest.mark.parametrize(
+    "make, message",
+    [
+        (lambda w: AdaScale(torch.optim.SGD([w], lr=0.1), accumulation_steps=0), "accumulation_steps"),
+        (lambda w: AdaScale(torch.optim.SGD([w], lr=0.1), scale=0.5), "scale"),
+        (lambda w: AdaScale(torch.optim.SGD([w], lr=0.1), smoothing=1.0), "smoothing"),
+        (lambda w: AdaScale("sgd"), "optimizer"),
+    ],
+)
+def test_bad_arguments_raise_typed_errors(make, message):
+    with pytest.raises(AdaScaleError, match=message):
+        make(torch.nn.Parameter(torch.zeros(2)))
+
+
+def test_misuse_raises_typed_errors():
+    w = torch.nn.Parameter(torch.zeros(2))
+    opt = AdaScale(torch.optim.SGD([w], lr=0.1), accumulation_steps=2)
+    with pytest.raises(AdaScaleError, match="before any backward"):
+        opt.step()
+    (w @ torch.ones(2)).backward()
+    with pytest.raises(AdaScaleError, match="2 but 1 backward"):
+        opt.step()
+    with pytest.raises(AdaScaleError, match="scale"):
+        opt.set_scale(0)
+    with pytest.raises(AdaScaleError, match="not an AdaScale state"):
+        opt.load_state_dict({"state": {}})
+
+
+def _run_ddp(world_size: int, accumulation: int, steps: int, tmp_path, nan_rank=None, nan_step=None):
+    port = dh.free_port()
+    mp.spawn(dh.ddp_worker, args=(world_size, port, accumulation, steps, nan_rank, nan_step, str(tmp_path)),
+             nprocs=world_size, join=True)
+    return [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(world_size)]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("world_size, accumulation", [(2, 1), (2, 2), (4, 1)])
+def test_ddp_gain_equals_single_process_accumulation(world_size, accumulation, tmp_path):
+    steps = 4
+    results = _run_ddp(world_size, accumulation, steps, tmp_path, nan_rank=world_size - 1, nan_step=2)
+    # Every rank computes the same gains, and the NaN injected on the last rank skipped step 2 everywhere.
+    for other in results[1:]:
+        assert other["history"] == results[0]["history"]
+    assert [h[4] for h in results[0]["history"]] == [False, False, True, False]
+
+    total = world_size * accumulation
+    model = dh.make_model()
+    opt = AdaScale(torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9), accumulation_steps=total)
+    single = dh.run_steps(model, opt, model, lambda s: dh.micro_batches(s, total), steps, total, nan_at_step=2)
+    for dist_row, single_row in zip(results[0]["history"], single):
+        assert dist_row[0] == pytest.approx(single_row[0], rel=1e-6, abs=1e-6)  # gain
+        assert dist_row[1] == pytest.approx(single_row[1], rel=1e-6, abs=1e-6)  # tau
+        assert dist_row[4] == single_row[4]
+    for p_dist, p_single in zip(results[0]["params"], model.parameters()):
+        assert torch.allclose(p_dist, p_single.detach(), atol=1e-5)
+    assert single[-1][0] > 1.0  # the test is not vacuous: the gain moved away from 1
