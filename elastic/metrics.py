@@ -158,7 +158,8 @@ class StepRecord:
 class _EventLog:
     """Appends one JSON object per line; non-finite floats become null so any JSON reader copes."""
 
-    def __init__(self, path: Path | None) -> None:
+    def __init__(self, path: Path | None, job_name: str) -> None:
+        self._job_name = job_name
         self._lock = threading.Lock()
         self._file: IO[str] | None = None
         if path is not None:
@@ -169,10 +170,11 @@ class _EventLog:
             except OSError as exc:
                 raise MetricsError(f"metrics log_path: cannot open {path}: {exc.strerror}") from exc
 
-    def write(self, kind: str, time_s: float, **fields: Any) -> None:
+    def write(self, kind: str, time_s: float | None, **fields: Any) -> None:
         if self._file is None:
             return
-        event = {"kind": kind, "time_s": time_s}
+        event = {"kind": kind, "time_s": time.time() if time_s is None else float(time_s),
+                 "job_name": self._job_name}
         event.update({k: _json_safe(v) for k, v in fields.items()})
         line = json.dumps(event, allow_nan=False, separators=(",", ":"))
         with self._lock:
@@ -269,7 +271,7 @@ class TrainerMetrics:
         self._checkpoint_seconds = _register(Histogram, "elastic_checkpoint_seconds",
                                              "Time to write one checkpoint.", r,
                                              buckets=CHECKPOINT_SECONDS_BUCKETS).labels(**job)
-        self._log = _EventLog(log_path)
+        self._log = _EventLog(log_path, self.job_name)
 
     def record_step(self, rec: StepRecord) -> None:
         self._workers.set(rec.workers)
@@ -292,7 +294,8 @@ class TrainerMetrics:
         self._log.write("step", time_s, **fields)
 
     def record_resize(self, direction: str, cause: str, pause_s: float,
-                      from_workers: int, to_workers: int) -> None:
+                      from_workers: int, to_workers: int, *, time_s: float | None = None) -> None:
+        """A completed resize; ``time_s`` (unix time, default now) is when training resumed."""
         _check_choice("resize direction", direction, RESIZE_DIRECTIONS)
         _check_choice("resize cause", cause, RESIZE_CAUSES)
         _check_seconds("resize pause_s", pause_s)
@@ -302,26 +305,26 @@ class TrainerMetrics:
         self._resizes.labels(direction=direction, cause=cause, job_name=self.job_name).inc()
         self._resize_seconds.observe(pause_s)
         self._workers.set(to_workers)
-        self._log.write("resize", time.time(), direction=direction, cause=cause, pause_s=pause_s,
+        self._log.write("resize", time_s, direction=direction, cause=cause, pause_s=pause_s,
                         from_workers=from_workers, to_workers=to_workers)
 
-    def record_failure(self, count: int = 1) -> None:
+    def record_failure(self, count: int = 1, *, time_s: float | None = None) -> None:
         if count < 1:
             raise MetricsError(f"failure count: must be >= 1, got {count}")
         self._failures.inc(count)
-        self._log.write("failure", time.time(), count=count)
+        self._log.write("failure", time_s, count=count)
 
-    def record_skip(self, reason: str) -> None:
+    def record_skip(self, reason: str, *, time_s: float | None = None) -> None:
         if not reason:
             raise MetricsError("skip reason: must be a non-empty string")
         self._skipped.labels(reason=reason, job_name=self.job_name).inc()
-        self._log.write("skip", time.time(), reason=reason)
+        self._log.write("skip", time_s, reason=reason)
 
-    def record_checkpoint(self, seconds: float) -> None:
+    def record_checkpoint(self, seconds: float, *, time_s: float | None = None) -> None:
         _check_seconds("checkpoint seconds", seconds)
         self._checkpoints.inc()
         self._checkpoint_seconds.observe(seconds)
-        self._log.write("checkpoint", time.time(), seconds=seconds)
+        self._log.write("checkpoint", time_s, seconds=seconds)
 
     def set_target_workers(self, n: int) -> None:
         if n < 1:
@@ -339,16 +342,16 @@ class NullTrainerMetrics:
         pass
 
     def record_resize(self, direction: str, cause: str, pause_s: float,
-                      from_workers: int, to_workers: int) -> None:
+                      from_workers: int, to_workers: int, *, time_s: float | None = None) -> None:
         pass
 
-    def record_failure(self, count: int = 1) -> None:
+    def record_failure(self, count: int = 1, *, time_s: float | None = None) -> None:
         pass
 
-    def record_skip(self, reason: str) -> None:
+    def record_skip(self, reason: str, *, time_s: float | None = None) -> None:
         pass
 
-    def record_checkpoint(self, seconds: float) -> None:
+    def record_checkpoint(self, seconds: float, *, time_s: float | None = None) -> None:
         pass
 
     def set_target_workers(self, n: int) -> None:
@@ -380,16 +383,17 @@ class ControllerMetrics:
                                     buckets=ACTUATION_SECONDS_BUCKETS).labels(**job)
         self._errors = _register(Counter, "elastic_controller_reconcile_errors_total",
                                  "Reconcile iterations that failed.", r).labels(**job)
-        self._log = _EventLog(log_path)
+        self._log = _EventLog(log_path, self.job_name)
 
-    def record_decision(self, action: str, desired: int, capacity: int) -> None:
+    def record_decision(self, action: str, desired: int, capacity: int, *,
+                        time_s: float | None = None) -> None:
         _check_choice("decision action", action, DECISION_ACTIONS)
         if desired < 0 or capacity < 0:
             raise MetricsError(f"decision: desired and capacity must be >= 0, got {desired}, {capacity}")
         self._decisions.labels(action=action, job_name=self.job_name).inc()
         self._desired.set(desired)
         self._capacity.set(capacity)
-        self._log.write("decision", time.time(), action=action, desired=desired, capacity=capacity)
+        self._log.write("decision", time_s, action=action, desired=desired, capacity=capacity)
 
     def record_actuation(self, seconds: float) -> None:
         _check_seconds("actuation seconds", seconds)

@@ -201,10 +201,13 @@ def test_event_log_one_json_object_per_line_flushed(tmp_path):
     c.close()
     events = [json.loads(line) for line in log.read_text().splitlines()]
     assert [e["kind"] for e in events] == ["step", "resize", "failure", "skip", "checkpoint", "decision"]
-    assert events[1] | {"time_s": 0} == {"kind": "resize", "time_s": 0, "direction": "grow", "cause": "controller",
-                                         "pause_s": 0.9, "from_workers": 2, "to_workers": 4}
+    assert events[1] | {"time_s": 0} == {"kind": "resize", "time_s": 0, "job_name": JOB, "direction": "grow",
+                                         "cause": "controller", "pause_s": 0.9, "from_workers": 2, "to_workers": 4}
     assert all(isinstance(e["time_s"], float) for e in events)
     assert events[5]["action"] == "shrink"
+    m2 = TrainerMetrics(JOB, registry=CollectorRegistry(), log_path=tmp_path / "explicit.jsonl")
+    m2.record_checkpoint(0.1, time_s=123.5)  # an explicit event time overrides "now"
+    assert json.loads((tmp_path / "explicit.jsonl").read_text())["time_s"] == 123.5
     m.record_failure()  # after close: metrics still count, nothing is written
     assert len(log.read_text().splitlines()) == 6
 
