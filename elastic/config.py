@@ -263,11 +263,11 @@ class ScalingConfig(_Section):
     """Resizes for policy=schedule, in order (at_progress and at_time_s each increasing)."""
     interval_s: Float = Field(default=2.0, gt=0)
     """Controller period: seconds between observe -> decide -> act rounds."""
-    cooldown_s: Float = Field(default=10.0, ge=0)
-    """Seconds after a resize during which no other resize is made (schedule steps excepted)."""
+    cooldown_s: Float = Field(default=30.0, ge=0)
+    """goodput: seconds after a resize before the policy resizes again by choice (bounds still apply)."""
     min_efficiency: Float = Field(default=0.5, gt=0, le=1)
     """goodput: never scale to where predicted statistical efficiency r(S)/S falls below this, in (0, 1]."""
-    hysteresis: Float = Field(default=0.1, ge=0, lt=1)
+    hysteresis: Float = Field(default=0.05, ge=0, lt=1)
     """goodput: resize only if predicted goodput improves by more than this fraction, in [0, 1)."""
 
     @model_validator(mode="after")
