@@ -284,13 +284,14 @@ def test_leftover_temp_files_are_invisible_and_cleaned_up(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt-00000001.pt", "ckpt-00000001.sha256"]
 
 
-def test_failed_rename_leaves_no_partial_checkpoint(tmp_path, monkeypatch):
+@pytest.mark.parametrize("failing_rename", [".pt", ".sha256"])
+def test_failed_rename_leaves_no_partial_checkpoint(tmp_path, monkeypatch, failing_rename):
     manager = CheckpointManager(tmp_path)
     manager.save(1, {"v": 1})
     real_replace = os.replace
 
     def failing_replace(src, dst):
-        if str(dst).endswith(".pt"):
+        if str(dst).endswith(failing_rename):
             raise OSError(28, "No space left on device")
         return real_replace(src, dst)
 
