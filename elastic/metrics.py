@@ -196,6 +196,25 @@ def _json_safe(value: Any) -> Any:
     return value
 
 
+class _LazyGauge:
+    """A labelled gauge that is exposed only once it has a value.
+
+    Counters start at 0 (so increase() sees the first event), but a gauge read before the first step
+    would report a false value: a gain ratio of 0 is outside [1, S], and an efficiency of 0 while the
+    group is still forming would trip ElasticEfficiencyCollapsed.
+    """
+
+    def __init__(self, parent: Gauge, labels: dict[str, str]) -> None:
+        self._parent = parent
+        self._labels = labels
+        self._child: Any = None
+
+    def set(self, value: float) -> None:
+        if self._child is None:
+            self._child = self._parent.labels(**self._labels)
+        self._child.set(value)
+
+
 def _register(metric_cls: type, name: str, doc: str, registry: CollectorRegistry,
               labels: tuple[str, ...] = (), **kwargs: Any) -> Any:
     try:
@@ -231,8 +250,8 @@ class TrainerMetrics:
         r = self.registry
         job = {_JOB_LABEL: self.job_name}
 
-        def gauge(name: str, doc: str) -> Gauge:
-            return _register(Gauge, name, doc, r).labels(**job)
+        def gauge(name: str, doc: str) -> _LazyGauge:
+            return _LazyGauge(_register(Gauge, name, doc, r), job)
 
         self._workers = gauge("elastic_workers", "Workers in the current group (world size).")
         self._target_workers = gauge("elastic_target_workers", "Workers the trainer is heading for.")
@@ -370,10 +389,10 @@ class ControllerMetrics:
         self.registry = registry if registry is not None else CollectorRegistry()
         r = self.registry
         job = {_JOB_LABEL: self.job_name}
-        self._desired = _register(Gauge, "elastic_controller_desired_workers",
-                                  "Workers the policy asked for at the last decision.", r).labels(**job)
-        self._capacity = _register(Gauge, "elastic_controller_capacity_workers",
-                                   "Workers the cluster could host at the last decision.", r).labels(**job)
+        self._desired = _LazyGauge(_register(Gauge, "elastic_controller_desired_workers",
+                                             "Workers the policy asked for at the last decision.", r), job)
+        self._capacity = _LazyGauge(_register(Gauge, "elastic_controller_capacity_workers",
+                                              "Workers the cluster could host at the last decision.", r), job)
         self._decisions = _register(Counter, "elastic_controller_decisions_total",
                                     "Decisions of the policy, by action.", r, labels=("action",))
         for action in DECISION_ACTIONS:

@@ -64,8 +64,8 @@ def test_contract_names_match_design():
 
 def test_every_design_metric_is_exposed_with_job_name_label():
     registry = CollectorRegistry()
-    TrainerMetrics(JOB, registry=registry)
-    ControllerMetrics(JOB, registry=registry)
+    TrainerMetrics(JOB, registry=registry).record_step(make_step())
+    ControllerMetrics(JOB, registry=registry).record_decision("noop", 4, 4)
     names = exposed_names(registry)
     for name in DESIGN_TRAINER + DESIGN_CONTROLLER:
         series = name + "_count" if name.endswith("_seconds") else name
@@ -73,6 +73,26 @@ def test_every_design_metric_is_exposed_with_job_name_label():
     for family in registry.collect():
         for sample in family.samples:
             assert sample.labels.get("job_name") == JOB, sample
+
+
+def test_gauges_appear_with_their_first_value_counters_at_zero():
+    """Before the first step a gain or efficiency of 0 would be false (and trip the efficiency alert)."""
+    registry = CollectorRegistry()
+    m = TrainerMetrics(JOB, registry=registry)
+    c = ControllerMetrics(JOB, registry=registry)
+    names = exposed_names(registry)
+    for gauge in ("elastic_workers", "elastic_gain_ratio", "elastic_statistical_efficiency",
+                  "elastic_controller_desired_workers"):
+        assert gauge not in names
+    assert value(registry, "elastic_steps_total") == 0
+    assert value(registry, "elastic_worker_failures_total") == 0
+    assert value(registry, "elastic_controller_reconcile_errors_total") == 0
+    m.set_target_workers(2)
+    assert value(registry, "elastic_target_workers") == 2 and value(registry, "elastic_workers") is None
+    m.record_step(make_step(workers=2))
+    c.record_decision("noop", 2, 3)
+    assert value(registry, "elastic_workers") == 2
+    assert value(registry, "elastic_controller_capacity_workers") == 3
 
 
 def test_record_step_sets_gauges_counters_and_histogram():
