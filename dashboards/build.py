@@ -1,12 +1,13 @@
 """Generates the Grafana dashboard and the Prometheus rules of an elastic job.
 
-    .venv/bin/python dashboards/build.py           # (re)writes the three files below
+    .venv/bin/python dashboards/build.py           # (re)writes the files below
     .venv/bin/python dashboards/build.py --check   # exits 1 if any file differs from what it would write
 
 Outputs (all generated; edit this file, not them):
   dashboards/elastic-job.json          Grafana dashboard (grafana-foundation-sdk), one job at a time
   dashboards/grafana-configmap.yaml    the same JSON in a ConfigMap labelled for the Grafana sidecar
   dashboards/rules.yaml                Prometheus recording rules (used by panels) and alerts
+  dashboards/prometheusrule.yaml       the same rules as a Prometheus Operator PrometheusRule
 
 Every query selects one job with ``job_name="$job_name"`` (the label every elastic metric carries);
 the data source is the ``$datasource`` variable. The metric names are the contract of DESIGN.md.
@@ -35,6 +36,7 @@ HERE = Path(__file__).resolve().parent
 DASHBOARD_PATH = HERE / "elastic-job.json"
 CONFIGMAP_PATH = HERE / "grafana-configmap.yaml"
 RULES_PATH = HERE / "rules.yaml"
+PROMETHEUS_RULE_PATH = HERE / "prometheusrule.yaml"
 
 DASHBOARD_UID = "elastic-job"
 DASHBOARD_TITLE = "Elastic training job"
@@ -485,9 +487,20 @@ def rules_yaml() -> str:
     return GENERATED_HEADER + _yaml(rules_document())
 
 
+def prometheus_rule_yaml() -> str:
+    doc = {
+        "apiVersion": "monitoring.coreos.com/v1",
+        "kind": "PrometheusRule",
+        "metadata": {"name": "elastic-job-rules", "labels": {"app.kubernetes.io/part-of": "elastic"}},
+        "spec": rules_document(),
+    }
+    return GENERATED_HEADER + _yaml(doc)
+
+
 def outputs() -> dict[Path, str]:
     dashboard = dashboard_json()
-    return {DASHBOARD_PATH: dashboard, CONFIGMAP_PATH: configmap_yaml(dashboard), RULES_PATH: rules_yaml()}
+    return {DASHBOARD_PATH: dashboard, CONFIGMAP_PATH: configmap_yaml(dashboard), RULES_PATH: rules_yaml(),
+            PROMETHEUS_RULE_PATH: prometheus_rule_yaml()}
 
 
 def main(argv: list[str] | None = None) -> int:

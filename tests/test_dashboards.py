@@ -169,3 +169,9 @@ def test_configmap_is_a_valid_kubernetes_object():
     kubernetes_validate = pytest.importorskip("kubernetes_validate")
     cm = yaml.safe_load(build.CONFIGMAP_PATH.read_text())
     kubernetes_validate.validate(cm, "1.30", strict=True)
+
+
+def test_prometheus_rule_wraps_the_same_rules():
+    doc = yaml.safe_load(build.PROMETHEUS_RULE_PATH.read_text())
+    assert doc["apiVersion"] == "monitoring.coreos.com/v1" and doc["kind"] == "PrometheusRule"
+    assert doc["spec"] == RULES
