@@ -491,7 +491,7 @@ class GoodputPolicy:
         # Ties go to the fewer workers (cheaper).
         best = max(eligible, key=lambda p: (p.goodput, -p.workers))
         here = predictions[start]
-        floor_here = self.min_efficiency / (1.0 + self.hysteresis)
+        floor_here = self.min_efficiency / (1.0 + self.hysteresis) ** 2
         summary = (
             f"goodput {_plural(best.workers)} {best.goodput:#.3g} vs {_plural(start)} {here.goodput:#.3g} tau/s "
             f"(eff {best.efficiency:.2f} vs {here.efficiency:.2f})"
