@@ -411,12 +411,18 @@ class GoodputPolicy:
 
     Candidates are n in [min, min(max, capacity)].  A size other than the current one is eligible
     only if efficiency >= ``min_efficiency`` (``min_workers`` is always eligible); the current size
-    stays eligible down to ``min_efficiency / (1 + hysteresis)``, so an estimate hovering at the
-    floor does not flap.  The policy moves to the best eligible size only when its goodput beats the
-    current size's by more than the factor (1 + ``hysteresis``) -- or when the current size is no
-    longer eligible -- and at least ``cooldown_s`` after the last resize.  ``max_step`` (if set)
-    limits how many workers one decision adds or removes.  A current size outside the bounds is
-    clamped at once, ignoring hysteresis and cooldown.
+    stays eligible down to ``min_efficiency / (1 + hysteresis)**2``.  The policy moves to the best
+    eligible size (ties: fewer workers) only when its goodput beats the current size's by more than
+    the factor (1 + ``hysteresis``) -- or when the current size is no longer eligible -- and at least
+    ``cooldown_s`` after the last resize.  ``max_step`` (if set) limits how many workers one decision
+    adds or removes.  A current size outside the bounds is clamped at once, ignoring hysteresis and
+    cooldown.
+
+    Why these bands: undoing a move A -> B needs a predicted log-goodput ratio or a log-efficiency
+    to swing by 2 ln(1 + h) between two snapshots.  If sigma^2 and mu^2 are each estimated within
+    +-j, every such quantity moves by less than ln((1+j)/(1-j)), so the policy never flaps
+    (A -> B -> A with the truth unchanged) when h >= (1+j)/(1-j) - 1, about 2j
+    (tests/test_policy.py checks this property).
 
     Without gradient statistics (at S = 1 AdaScale has nothing to estimate) the policy grows to the
     smallest size with S >= 2 so that they can be measured; without any step time it keeps the size.
