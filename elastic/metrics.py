@@ -38,9 +38,9 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, star
 
 __all__ = [
     "CONTROLLER_METRIC_NAMES",
+    "DECISION_ACTIONS",
     "RESIZE_CAUSES",
     "RESIZE_DIRECTIONS",
-    "DECISION_ACTIONS",
     "TRAINER_METRIC_NAMES",
     "ControllerMetrics",
     "Exporter",
