@@ -1,0 +1,261 @@
+"""The worker group: Ray actors running torch.distributed, re-formed in place at step boundaries.
+
+- Grow: new actors start and warm up (imports, dataset, model) while the others train; at a step
+  boundary the group re-forms and the newcomers take rank 0's state through the object store.
+- Shrink: at a step boundary the leaving ranks are released (their actors end); survivors re-form.
+- Failure: a rank dies mid-step. Survivors see their collective fail (gloo reports the reset
+  connection within tens of ms), report how many steps they completed, and the group re-forms
+  around the most advanced survivor, whose state the others take. A step counts as completed only
+  if a survivor finished its update, so its samples were used exactly once either way.
+
+The group knows nothing of Kubernetes, policies or checkpoints; the trainer drives it.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Any, Mapping, Sequence
+
+import ray
+from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError
+
+from elastic.sampler import StepPlan
+from elastic.worker import COLLECTIVE_TIMEOUT_S, ElasticWorker
+
+logger = logging.getLogger(__name__)
+
+#: How long a step may take before its silent ranks are declared dead.
+STEP_TIMEOUT_S = COLLECTIVE_TIMEOUT_S + 30.0
+
+
+class WorkerGroupError(RuntimeError):
+    """The group cannot go on (e.g. the task raises on every rank); one-line message."""
+
+
+@dataclass
+class Member:
+    worker_id: str
+    actor: Any
+    info: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def node_id(self) -> str:
+        return self.info.get("node_id", "")
+
+    @property
+    def hostname(self) -> str:
+        return self.info.get("hostname", "")
+
+
+@dataclass
+class Pending:
+    member: Member
+    ready_ref: Any
+    spawned_s: float
+    ready_s: float | None = None
+
+
+@dataclass(frozen=True)
+class StepOutcome:
+    """What became of one step."""
+
+    completed: bool
+    """The optimizer update was applied (commit the plan)."""
+    results: tuple[dict[str, Any], ...]
+    """Reports of the ranks that completed it (rank order)."""
+    lost_workers: tuple[str, ...] = ()
+    """Workers that died during the step."""
+    recovery_s: float = 0.0
+    """Seconds spent re-forming after a failure (0 if none)."""
+    consumed: Mapping[int, Sequence[int]] = field(default_factory=dict)
+    """Sample indices used by each rank, when completed."""
+
+
+class WorkerGroup:
+    """Driver-side handle of the data-parallel group (see the module docstring)."""
+
+    def __init__(self, spec: Mapping[str, Any], actor_options: Mapping[str, Any], name: str = "job") -> None:
+        self._spec = dict(spec)
+        self._actor_options = dict(actor_options)
+        self._remote = ray.remote(max_restarts=0, max_concurrency=1)(ElasticWorker)
+        self._ids = itertools.count()
+        self._name = name
+        self.members: list[Member] = []
+        self.pending: dict[str, Pending] = {}
+
+    @property
+    def size(self) -> int:
+        return len(self.members)
+
+    # ------------------------------------------------------------------------ spawning
+    def spawn(self, count: int) -> list[str]:
+        """Start ``count`` actors; they warm up in the background (see :meth:`poll_ready`)."""
+        started = []
+        for _ in range(count):
+            worker_id = f"{self._name}-w{next(self._ids)}"
+            actor = self._remote.options(**self._actor_options).remote(self._spec, worker_id)
+            member = Member(worker_id, actor)
+            self.pending[worker_id] = Pending(member, actor.info.remote(), time.monotonic())
+            started.append(worker_id)
+        return started
+
+    def poll_ready(self, timeout_s: float = 0.0) -> list[Member]:
+        """Pending workers that finished warming up (waits up to ``timeout_s`` for the first)."""
+        waiting = {p.ready_ref: p for p in self.pending.values() if p.ready_s is None}
+        if waiting:
+            done, _ = ray.wait(list(waiting), num_returns=len(waiting), timeout=timeout_s)
+            for ref in done:
+                p = waiting[ref]
+                try:
+                    p.member.info = ray.get(ref)
+                except RayTaskError as exc:
+                    self.cancel_pending([p.member.worker_id])
+                    raise WorkerGroupError(f"worker failed to start: {_first_line(exc.cause if exc.cause else exc)}") from None
+                except RayActorError:
+                    logger.warning("worker %s died while starting", p.member.worker_id)
+                    self.pending.pop(p.member.worker_id, None)
+                    continue
+                p.ready_s = time.monotonic()
+        return [p.member for p in self.pending.values() if p.ready_s is not None]
+
+    def wait_ready(self, count: int, timeout_s: float) -> list[Member]:
+        """Block until ``count`` pending workers are ready or ``timeout_s`` passes."""
+        deadline = time.monotonic() + timeout_s
+        ready = self.poll_ready()
+        while len(ready) < count and time.monotonic() < deadline:
+            ready = self.poll_ready(timeout_s=min(0.5, max(0.0, deadline - time.monotonic())))
+        return ready
+
+    def oldest_ready_wait_s(self) -> float:
+        ready = [p.ready_s for p in self.pending.values() if p.ready_s is not None]
+        return time.monotonic() - min(ready) if ready else 0.0
+
+    def cancel_pending(self, worker_ids: Sequence[str] | None = None) -> None:
+        for worker_id in list(worker_ids if worker_ids is not None else self.pending):
+            p = self.pending.pop(worker_id, None)
+            if p is not None:
+                ray.kill(p.member.actor, no_restart=True)
+
+    # ------------------------------------------------------------------------ re-forming
+    def grow(self, newcomers: Sequence[Member]) -> float:
+        """Add ready workers at a step boundary; returns the pause in seconds."""
+        for m in newcomers:
+            self.pending.pop(m.worker_id, None)
+        return self._reform(self.members + list(newcomers), needs_state={m.worker_id for m in newcomers})
+
+    def shrink(self, count: int) -> tuple[list[Member], float]:
+        """Release the ``count`` highest ranks at a step boundary; returns (released, pause_s)."""
+        if not 0 < count < self.size:
+            raise WorkerGroupError(f"cannot release {count} of {self.size} workers")
+        started = time.perf_counter()
+        leaving = self.members[-count:]
+        for m in leaving:
+            ray.kill(m.actor, no_restart=True)
+        self._reform(self.members[:-count], needs_state=set())
+        return leaving, time.perf_counter() - started
+
+    def start(self, members: Sequence[Member], state: Mapping[str, Any] | None) -> float:
+        """Form the first group (or a group after every worker was lost) from ``state`` (a checkpoint)
+        or, when None, from the first member's freshly built model."""
+        for m in members:
+            self.pending.pop(m.worker_id, None)
+        needs = {m.worker_id for m in members} if state is not None else {m.worker_id for m in members[1:]}
+        return self._reform(list(members), needs_state=needs, state=state)
+
+    def _reform(self, members: list[Member], needs_state: set[str], state: Any = None) -> float:
+        """Rank 0 (members[0]) hosts the rendezvous; members in ``needs_state`` take ``state`` or,
+        when None, rank 0's state via the object store. Retries without members that die meanwhile."""
+        started = time.perf_counter()
+        for attempt in range(3):
+            try:
+                host, port = ray.get(members[0].actor.open_rendezvous.remote(), timeout=STEP_TIMEOUT_S)
+                payload = state
+                if payload is None and needs_state:
+                    payload = members[0].actor.state.remote()
+                refs = [
+                    m.actor.join.remote(rank, len(members), host, port, payload if m.worker_id in needs_state else None)
+                    for rank, m in enumerate(members)
+                ]
+                dead = []
+                for m, ref in zip(members, refs):
+                    try:
+                        ray.get(ref, timeout=STEP_TIMEOUT_S)
+                    except (RayActorError, GetTimeoutError):
+                        dead.append(m)
+                if not dead:
+                    self.members = members
+                    return time.perf_counter() - started
+            except (RayActorError, GetTimeoutError):
+                dead = [members[0]]
+            logger.warning("re-forming: %d worker(s) died meanwhile (attempt %d)", len(dead), attempt + 1)
+            for m in dead:
+                ray.kill(m.actor, no_restart=True)
+            members = [m for m in members if m not in dead]
+            if not members:
+                break
+        self.members = []
+        raise WorkerGroupError("could not form a group: every worker died while re-forming")
+
+    # ------------------------------------------------------------------------ one step
+    def run_step(self, plan: StepPlan) -> StepOutcome:
+        """Run one step on every rank; on a lost rank, re-form around the most advanced survivor."""
+        refs = [m.actor.train_step.remote(plan.shard(rank)) for rank, m in enumerate(self.members)]
+        reports: list[dict[str, Any] | None] = []
+        for m, ref in zip(self.members, refs):
+            try:
+                reports.append(ray.get(ref, timeout=STEP_TIMEOUT_S))
+            except (RayActorError, GetTimeoutError):
+                reports.append(None)
+        if all(r is not None and r["ok"] for r in reports):
+            consumed = {rank: [i for mb in plan.shard(rank) for i in mb] for rank in range(len(self.members))}
+            return StepOutcome(True, tuple(reports), consumed=consumed)  # type: ignore[arg-type]
+
+        lost = [m for m, r in zip(self.members, reports) if r is None]
+        failed = [r for r in reports if r is not None and not r["ok"]]
+        if not lost and any(not r["communication"] for r in failed):
+            raise WorkerGroupError(f"the task failed on {len(failed)} worker(s): {failed[0]['error']}")
+        return self._recover(plan, reports, lost)
+
+    def _recover(self, plan: StepPlan, reports: list[dict[str, Any] | None], lost: list[Member]) -> StepOutcome:
+        started = time.perf_counter()
+        for m in lost:
+            ray.kill(m.actor, no_restart=True)
+        survivors = [(m, r) for m, r in zip(self.members, reports) if r is not None]
+        if not survivors:
+            self.members = []
+            return StepOutcome(False, (), tuple(m.worker_id for m in lost), time.perf_counter() - started)
+        # Some survivors may have finished the update before the failure reached them: they are
+        # the source of truth (their update used every rank's gradient); the rest take their state.
+        most = max(r["steps_done"] for _, r in survivors)
+        source = next(m for m, r in survivors if r["steps_done"] == most)
+        lagging = {m.worker_id for m, r in survivors if r["steps_done"] < most}
+        completed = any(r["ok"] for _, r in survivors)
+        order = [source] + [m for m, _ in survivors if m is not source]
+        logger.warning("lost %s mid-step; step %s; re-forming with %d survivor(s)",
+                       ", ".join(m.worker_id for m in lost) or "no worker (collective error)",
+                       "completed" if completed else "abandoned", len(order))
+        self._reform(order, needs_state=lagging)
+        results = tuple(r for _, r in survivors if r["ok"])
+        consumed = {rank: [i for mb in plan.shard(rank) for i in mb] for rank in range(len(reports))} if completed else {}
+        return StepOutcome(completed, results, tuple(m.worker_id for m in lost), time.perf_counter() - started, consumed)
+
+    # ------------------------------------------------------------------------ other calls
+    def state(self) -> dict[str, Any]:
+        return ray.get(self.members[0].actor.state.remote(), timeout=STEP_TIMEOUT_S)
+
+    def evaluate(self) -> dict[str, float]:
+        return ray.get(self.members[0].actor.evaluate.remote(), timeout=600)
+
+    def shutdown(self) -> None:
+        self.cancel_pending()
+        for m in self.members:
+            ray.kill(m.actor, no_restart=True)
+        self.members = []
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[-1] if text else ''}"

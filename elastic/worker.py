@@ -1,0 +1,212 @@
+"""The worker: one Ray actor per GPU (or CPU slot) that owns a model replica and runs steps.
+
+The driver tells each worker which samples to use (its shard of the sampler's plan) and when to
+join a new process group; a worker never decides anything about the group on its own.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime
+import logging
+import os
+import socket
+import time
+from typing import Any, Mapping
+
+import torch
+import torch.distributed as dist
+from torch.utils.data import default_collate
+
+from elastic.adascale import AdaScale
+from elastic.config import JobSpec, parse_job_spec
+from elastic.schedules import make_schedule
+from elastic.task import load_task
+
+logger = logging.getLogger(__name__)
+
+#: A collective that waits longer than this on a silent peer fails instead of hanging forever.
+COLLECTIVE_TIMEOUT_S = 60.0
+
+
+def build_optimizer(spec: JobSpec, params) -> torch.optim.Optimizer:
+    o = spec.optimizer
+    if o.name == "sgd":
+        return torch.optim.SGD(params, lr=o.lr, momentum=o.momentum, weight_decay=o.weight_decay)
+    betas = o.betas or (0.9, 0.999)
+    cls = torch.optim.Adam if o.name == "adam" else torch.optim.AdamW
+    return cls(params, lr=o.lr, betas=betas, weight_decay=o.weight_decay)
+
+
+def build_adascale(spec: JobSpec, model: torch.nn.Module) -> AdaScale:
+    """AdaScale around the configured optimizer; with adascale disabled, S is pinned to 1 (gain 1)."""
+    s = spec.lr_schedule
+    schedule = make_schedule(s.kind, spec.total_progress, s.milestones, s.gamma, s.warmup_fraction)
+    scale = None if spec.adascale.enabled else 1
+    return AdaScale(build_optimizer(spec, model.parameters()), scale=scale,
+                    accumulation_steps=spec.accumulation_steps, lr_schedule=schedule)
+
+
+def _free_port(host: str) -> int:
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+class ElasticWorker:
+    """A model replica. Methods are called by :class:`elastic.group.WorkerGroup` through Ray."""
+
+    def __init__(self, spec: Mapping[str, Any], worker_id: str) -> None:
+        self.spec = parse_job_spec(spec)
+        self.worker_id = worker_id
+        torch.set_num_threads(max(1, int(self.spec.cluster.num_cpus_per_worker)))
+        torch.manual_seed(self.spec.seed)
+        self.task = load_task(self.spec.task, self.spec.task_args)
+        self.dataset = self.task.train_dataset()
+        self.device = torch.device("cuda", 0) if self.spec.cluster.use_gpu and torch.cuda.is_available() else torch.device("cpu")
+        self.model = self.task.build_model().to(self.device)
+        self.opt = build_adascale(self.spec, self.model)
+        self.ddp: torch.nn.Module = self.model
+        self.rank = -1
+        self.world_size = 0
+        self.steps_done = 0
+        self._store: Any = None
+
+    # ------------------------------------------------------------------------ identity
+    def info(self) -> dict[str, Any]:
+        import ray
+
+        return {
+            "worker_id": self.worker_id,
+            "node_id": ray.get_runtime_context().get_node_id(),
+            "pid": os.getpid(),
+            "hostname": socket.gethostname(),
+            "ip": ray.util.get_node_ip_address(),
+            "dataset_len": len(self.dataset),
+            "device": str(self.device),
+        }
+
+    # ------------------------------------------------------------------------ group membership
+    def open_rendezvous(self) -> tuple[str, int]:
+        """As rank 0 of the next group: host its TCP store now, so the others connect at once."""
+        import ray
+
+        host = ray.util.get_node_ip_address()
+        port = _free_port(host)
+        self._store = dist.TCPStore(host, port, is_master=True, wait_for_workers=False,
+                                    timeout=datetime.timedelta(seconds=COLLECTIVE_TIMEOUT_S))
+        return host, port
+
+    def join(self, rank: int, world_size: int, host: str, port: int, state: Mapping[str, Any] | None = None) -> dict[str, Any]:
+        """Leave the old group, form the new one, take ``state`` if given, set AdaScale's scale."""
+        started = time.perf_counter()
+        self.leave()
+        store = self._store if rank == 0 else dist.TCPStore(
+            host, port, is_master=False, timeout=datetime.timedelta(seconds=COLLECTIVE_TIMEOUT_S))
+        backend = "nccl" if self.device.type == "cuda" else "gloo"
+        dist.init_process_group(backend, store=store, rank=rank, world_size=world_size,
+                                timeout=datetime.timedelta(seconds=COLLECTIVE_TIMEOUT_S))
+        self._store = None
+        if state is not None:
+            self.load_state(state)
+        # DDP broadcasts rank 0's parameters and buffers while it is built: one more guarantee
+        # that every replica starts the new group identical.
+        self.ddp = torch.nn.parallel.DistributedDataParallel(self.model) if world_size > 1 else self.model
+        self.rank, self.world_size = rank, world_size
+        if self.spec.adascale.enabled:
+            self.opt.set_scale(world_size * self.spec.accumulation_steps)
+        return {"worker_id": self.worker_id, "steps_done": self.steps_done, "join_s": time.perf_counter() - started}
+
+    def leave(self) -> None:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+        self.ddp = self.model
+        self.rank, self.world_size = -1, 0
+
+    # ------------------------------------------------------------------------ state
+    def state(self) -> dict[str, Any]:
+        """Everything a new replica needs to continue exactly: model, optimizer + AdaScale, step count."""
+        return {
+            "model": {k: v.detach().cpu() for k, v in self.model.state_dict().items()},
+            "optimizer": _to_cpu(self.opt.state_dict()),
+            "steps_done": self.steps_done,
+        }
+
+    def load_state(self, state: Mapping[str, Any]) -> None:
+        self.model.load_state_dict(state["model"])
+        self.opt.load_state_dict(_to_device(state["optimizer"], self.device))
+        self.steps_done = int(state["steps_done"])
+        self.opt.zero_grad()
+
+    def steps_completed(self) -> int:
+        return self.steps_done
+
+    # ------------------------------------------------------------------------ training
+    def train_step(self, micro_batches: list[list[int]]) -> dict[str, Any]:
+        """One optimizer step over this rank's micro-batches. Never raises: failures are reported."""
+        started = time.perf_counter()
+        try:
+            loss_sum = 0.0
+            losses = []
+            for i, indices in enumerate(micro_batches):
+                batch = _to_device(default_collate([self.dataset[j] for j in indices]), self.device)
+                last = i == len(micro_batches) - 1
+                sync = contextlib.nullcontext() if last or self.ddp is self.model else self.ddp.no_sync()
+                with sync:
+                    loss = self.task.loss(self.ddp, batch)
+                    (loss / len(micro_batches)).backward()
+                losses.append(loss.detach())
+            applied = self.opt.step()
+            self.opt.zero_grad()
+            loss_sum = float(torch.stack(losses).mean())
+        except Exception as exc:  # noqa: BLE001 - the driver decides: peer lost, or a task bug
+            self.opt.zero_grad()
+            return {"ok": False, "worker_id": self.worker_id, "steps_done": self.steps_done,
+                    "error": f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}",
+                    "communication": _is_communication_error(exc)}
+        self.steps_done += 1
+        return {
+            "ok": True,
+            "worker_id": self.worker_id,
+            "steps_done": self.steps_done,
+            "skipped": not applied,
+            "loss": loss_sum,
+            "gain": self.opt.gain,
+            "scale": self.opt.scale,
+            "efficiency": self.opt.efficiency,
+            "progress": self.opt.progress,
+            "learning_rate": self.opt.learning_rate,
+            "grad_variance": self.opt.grad_variance,
+            "grad_sqnorm": self.opt.grad_sqnorm,
+            "compute_s": time.perf_counter() - started,
+        }
+
+    def evaluate(self) -> dict[str, float]:
+        return {k: float(v) for k, v in self.task.evaluate(self.model).items()}
+
+    def ping(self) -> bool:
+        return True
+
+
+def _is_communication_error(exc: BaseException) -> bool:
+    dist_errors = tuple(getattr(dist, n) for n in ("DistError", "DistBackendError", "DistNetworkError") if hasattr(dist, n))
+    text = str(exc).lower()
+    return isinstance(exc, dist_errors) or any(w in text for w in ("gloo", "nccl", "connection", "timed out", "peer"))
+
+
+def _to_cpu(obj: Any) -> Any:
+    return _map_tensors(obj, lambda t: t.detach().cpu())
+
+
+def _to_device(obj: Any, device: torch.device) -> Any:
+    return _map_tensors(obj, lambda t: t.to(device)) if device.type != "cpu" else obj
+
+
+def _map_tensors(obj: Any, fn) -> Any:
+    if isinstance(obj, torch.Tensor):
+        return fn(obj)
+    if isinstance(obj, dict):
+        return {k: _map_tensors(v, fn) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_map_tensors(v, fn) for v in obj)
+    return obj
