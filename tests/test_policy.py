@@ -442,7 +442,7 @@ JITTER_FACTORS = st.lists(st.tuples(st.floats(-1, 1), st.floats(-1, 1)), min_siz
 # delta = ln((1+j)/(1-j)), and every predicted log-goodput ratio or log-efficiency moves by less
 # than delta.  A flap A -> B -> A needs a swing of 2 ln(1 + h) in one of them, so it cannot happen
 # when ln(1 + h) >= delta, i.e. h >= (1+j)/(1-j) - 1 (about 2j).  The pairs below satisfy that.
-@settings(max_examples=400, deadline=None)
+@settings(max_examples=250, deadline=None)
 @given(
     truth=constant_truths(),
     factors=JITTER_FACTORS,
