@@ -139,6 +139,7 @@ class ReconcileLoop:
         self.trainer = trainer
         self.metrics: ControllerMetrics = metrics if metrics is not None else NullControllerMetrics()
         self._clock = clock
+        self._last_logged: tuple[str, int] | None = None
 
     # ------------------------------------------------------------------ one pass
 
@@ -155,12 +156,17 @@ class ReconcileLoop:
         if action == "noop":
             logger.debug("Keeping %d workers, since %s", snapshot.current_workers, decision.reason)
         else:
-            logger.info(
+            # A resize in flight is decided again on every pass until the trainer reaches it; say so
+            # once (this memory only quiets the log, it never changes what the loop does).
+            repeated = self._last_logged == (action, desired)
+            logger.log(
+                logging.DEBUG if repeated else logging.INFO,
                 "Deciding to resize from %d -> %d workers, since %s",
                 snapshot.current_workers,
                 desired,
                 decision.reason,
             )
+        self._last_logged = (action, desired) if action != "noop" else None
 
         try:
             if action == "grow":

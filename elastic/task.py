@@ -32,8 +32,8 @@ class TaskError(RuntimeError):
 REQUIRED_METHODS = ("build_model", "train_dataset", "loss", "evaluate")
 
 
-def load_task(path: str, task_args: dict[str, Any] | None = None) -> Task:
-    """Import ``module:Class`` and build it with ``task_args``; every failure is a TaskError."""
+def resolve_task(path: str) -> type:
+    """Import ``module:Class`` without building it (``elastic validate`` and ``run`` check this first)."""
     module_name, sep, attr = path.partition(":")
     if not sep or not module_name or not attr:
         raise TaskError(f"task: {path!r} is not of the form 'package.module:ClassName'")
@@ -44,6 +44,12 @@ def load_task(path: str, task_args: dict[str, Any] | None = None) -> Task:
     cls = getattr(module, attr, None)
     if cls is None:
         raise TaskError(f"task: module {module_name!r} has no attribute {attr!r}")
+    return cls
+
+
+def load_task(path: str, task_args: dict[str, Any] | None = None) -> Task:
+    """Import ``module:Class`` and build it with ``task_args``; every failure is a TaskError."""
+    cls = resolve_task(path)
     try:
         task = cls(**(task_args or {}))
     except Exception as exc:  # noqa: BLE001

@@ -62,6 +62,7 @@ class RunSummary:
     run_dir: str
     checkpoint_step: int | None
     metrics_url: str | None = None
+    stopped_early: bool = False
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -98,6 +99,7 @@ class ElasticTrainer:
         self._skipped = 0
         self._consecutive_skips = 0
         self._failures = 0
+        self._abandoned_steps = 0
         self._started_s = time.monotonic()
         self._last_resize_s: float | None = None
         self.backend: Any = None
@@ -143,7 +145,31 @@ class ElasticTrainer:
         return result["summary"]
 
     def request_stop(self) -> None:
+        """Finish the current step, evaluate, checkpoint and return a summary (``stopped_early``)."""
         self._stop.set()
+
+    def resize(self, workers: int, reason: str = "manual") -> None:
+        """Resize by hand: capacity first (timed like the controller's), then the target."""
+        started = time.monotonic()
+        if workers > self.current_workers():
+            self.backend.actuator.scale_to(workers)
+        self.controller_metrics.record_actuation(time.monotonic() - started)
+        with self._lock:
+            self._target_cause = "manual"
+        self.set_target_workers(workers, reason)
+
+    @property
+    def steps(self) -> int:
+        """Optimizer steps completed (skipped ones included)."""
+        return self._steps
+
+    @property
+    def worker_failures(self) -> int:
+        return self._failures
+
+    @property
+    def progress(self) -> float:
+        return float(self._last.get("progress", 0.0))
 
     # ================================================================ controller interface
     def set_target_workers(self, n: int, reason: str) -> None:
@@ -223,7 +249,8 @@ class ElasticTrainer:
         try:
             while self._last.get("progress", 0.0) < spec.total_progress:
                 if self._stop.is_set():
-                    raise TrainerError("stopped on request; a checkpoint was written")
+                    logger.warning("stopping early on request at tau %.1f", self._last.get("progress", 0.0))
+                    break
                 resize = self._apply_target(boundary_s)
                 if self.group.size == 0:
                     self._recover_all_lost()
@@ -238,6 +265,8 @@ class ElasticTrainer:
                 boundary_s = time.perf_counter()
                 if outcome.lost_workers:
                     self._record_failure(outcome, world)
+                if not outcome.completed:
+                    self._abandoned_steps += 1
                 if outcome.completed:
                     self.sampler.commit(plan)
                     self._record_step(outcome, plan, world, boundary_s - step_started)
@@ -341,7 +370,8 @@ class ElasticTrainer:
         if self._ledger_path is not None:
             with self._ledger_path.open("a") as f:
                 f.write(json.dumps({"step": self._steps, "world_size": world, "epoch": plan.epoch_before,
-                                    "cursor": plan.cursor_before,
+                                    "cursor": plan.cursor_before, "gain": report["gain"],
+                                    "progress": report["progress"], "skipped": report["skipped"],
                                     "consumed": {str(k): list(v) for k, v in outcome.consumed.items()}}) + "\n")
 
     def _record_resize(self, from_workers: int, to_workers: int, direction: str, cause: str, pause_s: float) -> None:
@@ -359,7 +389,7 @@ class ElasticTrainer:
         self._resizes.append(ResizeEvent(time.time(), self._last.get("progress", 0.0), world, self.group.size,
                                          "shrink", "failure", outcome.recovery_s))
         self._last_resize_s = time.monotonic()
-        if self.group.size:
+        if 0 < self.group.size != world:
             self.metrics.record_resize("shrink", "failure", outcome.recovery_s, world, self.group.size)
         logger.warning("worker failure: lost %s; step %s; continuing with %d worker(s) after %.3f s",
                        ", ".join(outcome.lost_workers), "kept" if outcome.completed else "redone",
@@ -410,7 +440,7 @@ class ElasticTrainer:
 
         loop = ReconcileLoop(self._policy(), self.backend.actuator, self.snapshot, self,
                              metrics=self.controller_metrics)
-        self._target_cause = "schedule" if self.spec.scaling.policy in ("schedule", "fixed") else "controller"
+        self._target_cause = {"schedule": "schedule", "fixed": "manual"}.get(self.spec.scaling.policy, "controller")
         return loop.start(stop, self.spec.scaling.interval_s)
 
     def _policy(self):
@@ -418,8 +448,7 @@ class ElasticTrainer:
 
         s = self.spec.scaling
         if s.policy == "fixed":
-            # Holding the initial size also brings it back after a failure.
-            return make_policy("schedule", steps=[{"at_progress": 0.0, "workers": self.spec.workers.initial}])
+            return make_policy("fixed")
         if s.policy == "schedule":
             return make_policy("schedule", steps=[step.model_dump() for step in s.steps])
         if s.policy == "goodput":
@@ -447,6 +476,8 @@ class ElasticTrainer:
             worker_failures=self._failures, final_workers=self.group.size, run_dir=str(self.run_dir),
             checkpoint_step=self.checkpoints.latest_step(),
             metrics_url=self._exporter.url if self._exporter is not None else None,
+            stopped_early=self._last.get("progress", 0.0) < self.spec.total_progress,
+            extra={"abandoned_steps": self._abandoned_steps},
         )
 
 

@@ -1,0 +1,160 @@
+"""``elastic run | validate | report``: the command line.
+
+Bad input ends with one line on stderr naming the field or cause and exit code 2, never a traceback;
+a job that fails while running ends with one line and exit code 1 (its checkpoint stays usable).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT = 0, 1, 2
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = _parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "command", None):
+        parser.print_help()
+        return EXIT_BAD_INPUT
+    return args.handler(args)
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="elastic", description="Elastic-batch training on Ray with AdaScale SGD.")
+    sub = parser.add_subparsers(dest="command")
+
+    run = sub.add_parser("run", help="run a job spec to its total progress, resizing in place")
+    run.add_argument("job", help="job spec (YAML)")
+    run.add_argument("--resume", action="store_true", help="continue from the newest valid checkpoint")
+    run.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                     help="override a spec field, e.g. --set workers.max=8 (repeatable)")
+    run.add_argument("--cluster-address", help="attach to an existing Ray cluster (sets cluster.backend=ray)")
+    run.add_argument("--ledger", action="store_true", help="write ledger.jsonl: the samples of every step, per rank")
+    run.add_argument("--quiet", action="store_true", help="no live progress line")
+    run.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    run.set_defaults(handler=_cmd_run)
+
+    validate = sub.add_parser("validate", help="check a job spec and list every error")
+    validate.add_argument("job")
+    validate.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    validate.set_defaults(handler=_cmd_validate)
+
+    report = sub.add_parser("report", help="draw a run's workers, scale, gain, lr, tau and loss (PNG)")
+    report.add_argument("run_dir")
+    report.add_argument("--out", help="PNG path (default RUN_DIR/report.png)")
+    report.set_defaults(handler=_cmd_report)
+    return parser
+
+
+def _fail(message: str, code: int) -> int:
+    print(f"error: {message}", file=sys.stderr)
+    return code
+
+
+def _overrides(args: argparse.Namespace) -> dict:
+    from elastic.config import parse_overrides
+
+    overrides = parse_overrides(args.overrides)
+    if getattr(args, "cluster_address", None):
+        overrides.update({"cluster.backend": "ray", "cluster.address": args.cluster_address})
+    return overrides
+
+
+def _cmd_validate(args: argparse.Namespace) -> int:
+    from elastic.config import ConfigError, load_job_spec, validate_job_spec
+    from elastic.task import TaskError, resolve_task
+
+    try:
+        errors = validate_job_spec(args.job, _overrides(args))
+    except ConfigError as exc:
+        errors = exc.errors
+    if not errors:
+        spec = load_job_spec(args.job, _overrides(args))
+        try:
+            resolve_task(spec.task)
+        except TaskError as exc:
+            errors = [str(exc)]
+    if errors:
+        for line in errors:
+            print(f"error: {line}", file=sys.stderr)
+        print(f"{args.job}: {len(errors)} error(s)", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    print(f"{args.job}: OK ({spec.name}: {spec.task}, workers {spec.workers.min}..{spec.workers.max}, "
+          f"total_progress {spec.total_progress:g}, policy {spec.scaling.policy}, backend {spec.cluster.backend})")
+    return EXIT_OK
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    from elastic.checkpoint import CheckpointError
+    from elastic.config import ConfigError, load_job_spec
+    from elastic.metrics import MetricsError
+    from elastic.task import TaskError, resolve_task
+
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
+    for noisy in ("ray", "filelock", "urllib3", "kubernetes"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    try:
+        spec = load_job_spec(args.job, _overrides(args))
+        resolve_task(spec.task)
+    except (ConfigError, TaskError) as exc:
+        return _fail(str(exc), EXIT_BAD_INPUT)
+
+    from elastic.backends import BackendError
+    from elastic.group import WorkerGroupError
+    from elastic.trainer import ElasticTrainer, TrainerError
+
+    trainer = ElasticTrainer(spec, resume=args.resume, ledger=args.ledger, show_progress=not args.quiet)
+    try:
+        summary = trainer.run()
+    except (MetricsError, CheckpointError, BackendError) as exc:
+        return _fail(str(exc), EXIT_BAD_INPUT)
+    except (TrainerError, WorkerGroupError) as exc:
+        return _fail(str(exc), EXIT_FAILED)
+    except KeyboardInterrupt:
+        return _fail("interrupted; resume with --resume", EXIT_FAILED)
+    _print_summary(summary)
+    return EXIT_OK
+
+
+def _cmd_report(args: argparse.Namespace) -> int:
+    from elastic.report import ReportError, draw_report
+
+    try:
+        out = draw_report(Path(args.run_dir), Path(args.out) if args.out else None)
+    except ReportError as exc:
+        return _fail(str(exc), EXIT_BAD_INPUT)
+    print(out)
+    return EXIT_OK
+
+
+def _print_summary(summary) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console()
+    metrics = ", ".join(f"{k} {v:.4f}" for k, v in summary.evaluation.items())
+    console.print(f"[bold]{summary.name}[/bold] finished: tau {summary.progress:.1f} / {summary.total_progress:g} "
+                  f"in {summary.steps} steps ({summary.skipped_steps} skipped), {summary.samples} samples, "
+                  f"{summary.elapsed_s:.1f} s; test {metrics}")
+    if summary.resizes:
+        table = Table(title="resizes (in place)")
+        for column in ("tau", "workers", "direction", "cause", "pause s"):
+            table.add_column(column, justify="right")
+        for r in summary.resizes:
+            table.add_row(f"{r.progress:.1f}", f"{r.from_workers} -> {r.to_workers}", r.direction, r.cause, f"{r.pause_s:.3f}")
+        console.print(table)
+    if summary.stopped_early:
+        console.print(f"[yellow]stopped early[/yellow] at tau {summary.progress:.1f}; continue with: "
+                      f"elastic run JOB.yaml --resume")
+    console.print(f"worker failures {summary.worker_failures}; final workers {summary.final_workers}; "
+                  f"checkpoint step {summary.checkpoint_step}; run dir {summary.run_dir}")
+    console.print(f"draw it: elastic report {summary.run_dir}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
