@@ -1,0 +1,143 @@
+"""Benchmarks: a reduced scale sweep and the quick overhead run produce their tables; the synthetic task."""
+
+from __future__ import annotations
+
+import math
+import re
+
+import pytest
+import torch
+
+from benchmarks import overhead, scale_sweep
+from benchmarks.common import markdown_table
+from benchmarks.scale_sweep import RULES, TASKS, RunResult, RunSpec, summarize
+from elastic.task import load_task
+from examples.synthetic import SyntheticTask, SyntheticTaskError
+
+
+def _table_rows(text: str) -> list[list[str]]:
+    """The data rows of the markdown table in ``text`` (header and separator dropped)."""
+    lines = [line for line in text.splitlines() if line.startswith("|")]
+    return [[cell.strip() for cell in line.strip("|").split("|")] for line in lines[2:]]
+
+
+# ------------------------------------------------------------------------------ synthetic task
+def test_synthetic_task_is_deterministic_and_noisy_only_in_training():
+    a, b = SyntheticTask(seed=3), SyntheticTask(seed=3)
+    assert torch.equal(a.x_train, b.x_train) and torch.equal(a.y_train, b.y_train)
+    assert not torch.equal(SyntheticTask(seed=4).x_train, a.x_train)
+    clean = SyntheticTask(seed=3, label_noise=0.0)
+    assert torch.equal(clean.x_train, a.x_train) and torch.equal(clean.y_test, a.y_test)
+    flipped = float((clean.y_train != a.y_train).float().mean())
+    # 20% of the labels are redrawn uniformly: 7/8 of those land on another class.
+    assert flipped == pytest.approx(0.2 * 7 / 8, abs=0.03)
+
+
+def test_synthetic_task_trains_past_linear_and_chance():
+    task = load_task("examples.synthetic:SyntheticTask", {"num_train": 2048})
+    torch.manual_seed(0)
+    model = task.build_model()
+    before = task.evaluate(model)
+    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    data = task.train_dataset()
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(300):
+        idx = torch.randint(0, len(data), (32,), generator=gen)
+        opt.zero_grad()
+        task.loss(model, data[idx]).backward()
+        opt.step()
+    after = task.evaluate(model)
+    assert set(after) == {"accuracy", "loss"}
+    assert before["accuracy"] < 0.3 < 0.75 < after["accuracy"]
+    assert after["loss"] < before["loss"]
+
+
+@pytest.mark.parametrize("kwargs, field", [
+    ({"label_noise": 1.0}, "label_noise"), ({"num_classes": 1}, "num_classes"),
+    ({"hidden": -1}, "hidden"), ({"separation": 0.0}, "separation"), ({"num_train": 0}, "num_train"),
+])
+def test_synthetic_task_rejects_bad_arguments(kwargs, field):
+    with pytest.raises(SyntheticTaskError, match=field):
+        SyntheticTask(**kwargs)
+
+
+# -------------------------------------------------------------------------------- scale sweep
+def test_reduced_scale_sweep_cli_writes_table_and_figure(tmp_path):
+    assert scale_sweep.main(["--seeds", "1", "--scales", "1,4", "--total-progress", "60",
+                             "--processes", "1", "--out", str(tmp_path)]) == 0
+    text = (tmp_path / "scale_sweep.md").read_text()
+    assert (tmp_path / "scale_sweep.png").stat().st_size > 10_000
+    rows = _table_rows(text)
+    assert [(r[0], r[1], r[2]) for r in rows] == [
+        (task, str(s), rule) for task in sorted(TASKS) for s in (1, 4) for rule in RULES
+    ]
+    for task, s, rule, acc, loss, steps, speedup, gain, diverged in rows:
+        s, steps, gain = int(s), int(steps), float(gain)
+        assert diverged == "0/1"
+        assert 0.0 <= float(acc.split(" +- ")[0]) <= 100.0 and math.isfinite(float(loss))
+        if rule == "adascale":
+            assert 1.0 <= gain <= s
+            assert math.ceil(60 / s) <= steps <= 60
+            assert float(speedup.rstrip("x")) == pytest.approx(60 / steps, rel=0.01)
+        else:
+            assert steps == math.ceil(60 / s)
+            assert gain == (s if rule == "lsw" else 1.0)
+    adascale_s4 = [float(r[7]) for r in rows if r[1] == "4" and r[2] == "adascale"]
+    assert all(g > 1.0 for g in adascale_s4)  # the gain moved: the sweep is not trivially identity
+
+
+def test_rules_apply_their_learning_rates():
+    setup = scale_sweep.TaskSetup(name="synthetic", task_path="examples.synthetic:SyntheticTask",
+                                  total_progress=40, base_lr=0.05, micro_batch=8,
+                                  task_args={"num_train": 512, "num_test": 256})
+    runs = {rule: scale_sweep.train_run(RunSpec(setup, rule, 4, 0)) for rule in RULES}
+    lsw_lrs = [lr for _, lr in runs["lsw"].lr_trace]
+    # LSW: lr * S after a warm-up of 5.5% of T = 2.2 tau (steps at tau 0, 4, ...), decayed at 50% and 75%.
+    assert lsw_lrs[0] == pytest.approx(0.05 * 4 * 1 / 2.2)
+    assert lsw_lrs[1] == pytest.approx(0.05 * 4)
+    assert lsw_lrs[-1] == pytest.approx(0.05 * 4 * 0.01)
+    assert [lr for _, lr in runs["identity"].lr_trace][:2] == pytest.approx([0.05, 0.05])
+    ada = runs["adascale"]
+    assert ada.progress >= 40 and ada.lr_trace[0][0] == 0.0
+    for tau, lr in ada.lr_trace:
+        schedule = 0.01 if tau >= 30 else 0.1 if tau >= 20 else 1.0
+        assert 0.05 * schedule <= lr * (1 + 1e-9) and lr <= 0.05 * 4 * schedule * (1 + 1e-9)
+
+
+def test_summarize_aggregates_over_seeds():
+    def res(seed, acc, steps, gain):
+        return RunResult(task="t", rule="adascale", scale=8, seed=seed, accuracy=acc, loss=0.5, steps=steps,
+                         progress=100.0, mean_gain=gain, diverged=False, wall_s=1.0)
+
+    (row,) = summarize([res(0, 0.90, 20, 5.0), res(1, 0.94, 30, 3.0)], {"t": 100})
+    assert row.accuracy_mean == pytest.approx(0.92)
+    assert row.accuracy_std == pytest.approx(math.sqrt(2) * 0.02)
+    assert row.speedup == pytest.approx(100 / 25)
+    assert row.mean_gain == pytest.approx(4.0)
+    assert row.seeds == 2 and row.diverged == 0
+
+
+def test_bad_sweep_config_raises_typed_errors():
+    with pytest.raises(scale_sweep.SweepError, match="rule"):
+        RunSpec(TASKS["digits"], "sqrt", 2, 0)
+    with pytest.raises(scale_sweep.SweepError, match="total_progress"):
+        scale_sweep.TaskSetup(name="x", task_path="a:B", total_progress=0, base_lr=0.1, micro_batch=4)
+    with pytest.raises(ValueError, match="2 cells"):
+        markdown_table(("a",), [(1, 2)])
+
+
+# ----------------------------------------------------------------------------------- overhead
+def test_overhead_quick_writes_its_table(tmp_path):
+    assert overhead.main(["--quick", "--out", str(tmp_path)]) == 0
+    rows = _table_rows((tmp_path / "overhead_quick.md").read_text())
+    assert [r[0] for r in rows] == [c.label for c in overhead.QUICK_CONFIGS]
+    for _, params, bare_ms, ada_ms, ratio in rows:
+        assert int(params.replace(",", "")) > 1000
+        assert float(bare_ms) > 0 and float(ada_ms) > 0
+        assert float(ratio) == pytest.approx(float(ada_ms) / float(bare_ms), abs=2e-3)
+    assert re.search(r"Median of 20 interleaved steps", (tmp_path / "overhead_quick.md").read_text())
+
+
+def test_overhead_rejects_unknown_model():
+    with pytest.raises(overhead.OverheadError, match="model"):
+        overhead.OverheadConfig("resnet", 32)
