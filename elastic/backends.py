@@ -23,7 +23,8 @@ class LocalBackend:
     def __init__(self, spec: JobSpec) -> None:
         from controller.actuators.local import LocalActuator, LocalRayCluster
 
-        self.cluster = LocalRayCluster(spec.cluster.num_cpus_per_worker, max_workers=spec.workers.max)
+        self.cluster = LocalRayCluster(spec.cluster.num_cpus_per_worker, max_workers=spec.workers.max,
+                                       gpus_per_worker=1 if spec.cluster.use_gpu else 0)
         self.actuator = LocalActuator(self.cluster)
 
     def start(self, initial_workers: int) -> None:

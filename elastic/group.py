@@ -77,8 +77,8 @@ class StepOutcome:
 class WorkerGroup:
     """Driver-side handle of the data-parallel group (see the module docstring)."""
 
-    def __init__(self, spec: Mapping[str, Any], actor_options: Mapping[str, Any], name: str = "job") -> None:
-        self._spec = dict(spec)
+    def __init__(self, spec: Any, actor_options: Mapping[str, Any], name: str = "job") -> None:
+        self._spec = spec  # a JobSpec (or its dict form), handed to every worker
         self._actor_options = dict(actor_options)
         self._remote = ray.remote(max_restarts=0, max_concurrency=1)(ElasticWorker)
         self._ids = itertools.count()
@@ -114,9 +114,12 @@ class WorkerGroup:
                 except RayTaskError as exc:
                     self.cancel_pending([p.member.worker_id])
                     raise WorkerGroupError(f"worker failed to start: {_first_line(exc.cause if exc.cause else exc)}") from None
-                except RayActorError:
-                    logger.warning("worker %s died while starting", p.member.worker_id)
+                except RayActorError as exc:
                     self.pending.pop(p.member.worker_id, None)
+                    if exc.actor_init_failed:  # the task or its data raised while being built
+                        self.cancel_pending()
+                        raise WorkerGroupError(f"worker failed to start: {_last_error_line(str(exc))}") from None
+                    logger.warning("worker %s died while starting", p.member.worker_id)
                     continue
                 p.ready_s = time.monotonic()
         return [p.member for p in self.pending.values() if p.ready_s is not None]
@@ -125,7 +128,7 @@ class WorkerGroup:
         """Block until ``count`` pending workers are ready or ``timeout_s`` passes."""
         deadline = time.monotonic() + timeout_s
         ready = self.poll_ready()
-        while len(ready) < count and time.monotonic() < deadline:
+        while len(ready) < count and time.monotonic() < deadline and self.pending:
             ready = self.poll_ready(timeout_s=min(0.5, max(0.0, deadline - time.monotonic())))
         return ready
 
@@ -254,6 +257,15 @@ class WorkerGroup:
         for m in self.members:
             ray.kill(m.actor, no_restart=True)
         self.members = []
+
+
+def _last_error_line(text: str) -> str:
+    """The exception line of a remote traceback ("TaskError: task: ..."), without Ray's framing."""
+    lines = [ln.strip() for ln in text.strip().splitlines() if ln.strip()]
+    for line in reversed(lines):
+        if ":" in line and not line.startswith(("File ", "^", "(")) and "ray::" not in line:
+            return line
+    return lines[-1] if lines else "unknown error"
 
 
 def _first_line(exc: BaseException) -> str:

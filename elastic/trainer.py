@@ -224,7 +224,7 @@ class ElasticTrainer:
 
         spec = self.spec
         restored = self._load_checkpoint() if self.resume else None
-        self.group = WorkerGroup(spec.model_dump(mode="json"), self.backend.worker_actor_options(), spec.name)
+        self.group = WorkerGroup(spec, self.backend.worker_actor_options(), spec.name)
         self.group.spawn(spec.workers.initial)
         ready = self.group.wait_ready(spec.workers.initial, STARTUP_TIMEOUT_S)
         if not ready:

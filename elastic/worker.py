@@ -56,8 +56,8 @@ def _free_port(host: str) -> int:
 class ElasticWorker:
     """A model replica. Methods are called by :class:`elastic.group.WorkerGroup` through Ray."""
 
-    def __init__(self, spec: Mapping[str, Any], worker_id: str) -> None:
-        self.spec = parse_job_spec(spec)
+    def __init__(self, spec: JobSpec | Mapping[str, Any], worker_id: str) -> None:
+        self.spec = spec if isinstance(spec, JobSpec) else parse_job_spec(spec)
         self.worker_id = worker_id
         torch.set_num_threads(max(1, int(self.spec.cluster.num_cpus_per_worker)))
         torch.manual_seed(self.spec.seed)

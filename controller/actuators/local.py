@@ -81,8 +81,10 @@ class LocalRayCluster:
         temp_dir: Ray's session directory root (keep it short: socket paths have a length limit).
     """
 
-    def __init__(self, num_cpus_per_worker: float = 1.0, max_workers: int = 4, temp_dir: str | None = None) -> None:
+    def __init__(self, num_cpus_per_worker: float = 1.0, max_workers: int = 4, temp_dir: str | None = None,
+                 gpus_per_worker: int = 0) -> None:
         self.num_cpus_per_worker = num_cpus_per_worker
+        self.gpus_per_worker = gpus_per_worker
         self.max_workers = max_workers
         self.temp_dir = temp_dir
         self.executor = MainThreadExecutor()
@@ -144,7 +146,8 @@ class LocalRayCluster:
         return True
 
     def _add_node(self) -> str:
-        node = self._cluster.add_node(num_cpus=self.num_cpus_per_worker, resources={SLOT_RESOURCE: 1})
+        node = self._cluster.add_node(num_cpus=self.num_cpus_per_worker, num_gpus=self.gpus_per_worker,
+                                      resources={SLOT_RESOURCE: 1})
         with self._lock:
             self._nodes[node.node_id] = node
         logger.info("local: added node %s (%d worker nodes)", node.node_id[:8], len(self._nodes))
@@ -152,7 +155,8 @@ class LocalRayCluster:
 
     def worker_actor_options(self) -> dict[str, Any]:
         """Ray actor options that put one worker on one slot node."""
-        return {"num_cpus": self.num_cpus_per_worker, "resources": {SLOT_RESOURCE: 1}}
+        return {"num_cpus": self.num_cpus_per_worker, "num_gpus": self.gpus_per_worker,
+                "resources": {SLOT_RESOURCE: 1}}
 
 
 class LocalActuator:
