@@ -290,7 +290,7 @@ def build_driver_job(name: str, namespace: str, spec: ElasticJobSpec, service_ac
         "apiVersion": "batch/v1", "kind": "Job",
         "metadata": {"name": driver_name(name), "namespace": namespace, "labels": _labels(name, "driver")},
         "spec": {
-            # The driver resumes from its last checkpoint when its pod is replaced.
+            # A replaced driver pod resumes from the last checkpoint (checkpoint.dir on a persistent volume).
             "backoffLimit": 3,
             "template": {
                 "metadata": {"labels": _labels(name, "driver")},

@@ -9,7 +9,8 @@ What kmock does not do (ENVIRONMENT.md): no resourceVersion/uid/creationTimestam
 replace lists, no controllers (nothing creates pods or garbage-collects owned objects), watches
 never end on their own, ``GET /version/`` is registered here by hand, namespaces cannot be listed.
 Two of those are patched over here because kopf depends on them: discovery must show namespaces
-(kopf waits for them even with --all-namespaces), and ElasticJobs get a resourceVersion that grows
+(kopf waits for them even with --all-namespaces), objects created with only a generateName (kopf's
+events) get a name, and ElasticJobs get a resourceVersion that grows
 on every write (kopf tells stale watch events from fresh ones by it; with a constant one it re-runs
 its create handler on stale events). Objects for kopf must be created with a resourceVersion.
 """
@@ -67,6 +68,9 @@ def _versioned_emulator() -> Any:
     class VersionedEmulator(kmock.KubernetesEmulator):
         async def _handle(self, request: Any) -> Any:
             writes = (kmock.action.CREATE, kmock.action.UPDATE)
+            meta = request.data.get("metadata") if isinstance(request.data, dict) else None
+            if request.action == kmock.action.CREATE and meta and meta.get("generateName") and not meta.get("name"):
+                meta["name"] = f"{meta['generateName']}{next(_versions)}"  # kmock ignores generateName
             if request.resource is not None and request.resource == _VERSIONED and request.action in writes:
                 _bump_resource_version(request)
             return await super()._handle(request)
