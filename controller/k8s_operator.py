@@ -50,7 +50,6 @@ import yaml
 from prometheus_client import CollectorRegistry
 from prometheus_client.metrics_core import Metric
 
-from controller.actuators.base import ActuationError
 from controller.actuators.kuberay import KubeRayActuator
 from controller.loop import ReconcileLoop, decision_action
 from controller.policy import JobSnapshot, Policy, PolicyError, make_policy
@@ -62,8 +61,6 @@ __all__ = [
     "ElasticJobStatusClient", "StatusTrainerControl", "policy_for", "job_config", "build_configmap",
     "build_raycluster", "build_driver_job", "job_snapshot", "driver_phase", "register",
 ]
-
-logger = logging.getLogger(__name__)
 
 ELASTICJOB = ("elastic.dev", "v1alpha1", "elasticjobs")
 WORKER_GROUP = "workers"
