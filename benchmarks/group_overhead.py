@@ -24,6 +24,7 @@ AdaScale's own cost is the same in both arms (benchmarks/overhead.py measures it
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import logging
 import os
@@ -311,10 +312,12 @@ def measure_model(model: str, cluster: Any, steps: int, block: int, log: Callabl
             ddp.close()
 
 
-def measure(models: Sequence[str], steps: int, block: int, log: Callable[[str], None] = print) -> list[OverheadResult]:
+def measure(models: Sequence[str], steps: int, block: int, log: Callable[[str], None] = print,
+            cluster: Any = None) -> list[OverheadResult]:
+    """Both arms for each model, on ``cluster`` (a started LocalRayCluster with 2 slot nodes) or a new one."""
     for m in models:
         model_spec(m)
-    with local_cluster(WORLD_SIZE) as cluster:
+    with contextlib.nullcontext(cluster) if cluster is not None else local_cluster(WORLD_SIZE) as cluster:
         return [measure_model(m, cluster, steps, block, log) for m in models]
 
 
@@ -352,17 +355,18 @@ def report(results: Sequence[OverheadResult], command: str, load_before: str, lo
     ])
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def main(argv: Sequence[str] | None = None, cluster: Any = None) -> int:
+    """The CLI; ``cluster`` (a started LocalRayCluster with enough slot nodes) is for tests that share one."""
     parser = argparse.ArgumentParser(prog="python -m benchmarks.group_overhead", description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=400, help="timed steps per arm and model")
     parser.add_argument("--block", type=int, default=50, help="steps per block (the arms alternate block by block)")
     parser.add_argument("--models", default=None, help=f"comma-separated, from {', '.join(MODELS)} (default: all)")
-    parser.add_argument("--quick", action="store_true", help="digits only, 60 timed steps in blocks of 20")
+    parser.add_argument("--quick", action="store_true", help="digits only, 40 timed steps in blocks of 20")
     parser.add_argument("--out", default=str(RESULTS_DIR), help="folder of group_overhead.md")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
     if args.quick:
-        models, steps, block = ["digits"], 60, 20
+        models, steps, block = ["digits"], 40, 20
     else:
         models = args.models.split(",") if args.models else list(MODELS)
         steps, block = args.steps, args.block
@@ -376,7 +380,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     command = "python -m benchmarks.group_overhead " + " ".join(argv if argv is not None else sys.argv[1:])
     load_before = machine_load()
     started = time.monotonic()
-    results = measure(models, steps, block)
+    results = measure(models, steps, block, cluster=cluster)
     text = report(results, command.strip(), load_before, machine_load(), time.monotonic() - started)
     path = write_result(Path(args.out) / "group_overhead.md", text)
     print(text)

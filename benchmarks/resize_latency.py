@@ -25,6 +25,7 @@ between the modes so that machine load hits both alike. Every repetition runs th
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import shutil
 import sys
@@ -185,14 +186,15 @@ class _Run:
 
 
 def measure(models: Sequence[str], reps: int, cycle: Sequence[int], steady_steps: int,
-            log: Callable[[str], None] = print) -> list[ResizeSample]:
-    """All resizes of ``reps`` cycles per model and mode, alternating modes per repetition."""
+            log: Callable[[str], None] = print, cluster: Any = None) -> list[ResizeSample]:
+    """All resizes of ``reps`` cycles per model and mode, alternating modes per repetition, on
+    ``cluster`` (a started LocalRayCluster with ``max(cycle)`` slot nodes) or on a new one."""
     for m in models:
         model_spec(m)
     samples: list[ResizeSample] = []
     ckpt_root = tempfile.mkdtemp(prefix="resize-ckpt-")
     try:
-        with local_cluster(max(cycle)) as cluster:
+        with contextlib.nullcontext(cluster) if cluster is not None else local_cluster(max(cycle)) as cluster:
             for model in models:
                 for rep in range(reps):
                     # One group per repetition runs the cycle in both modes, back to back (the cycle
@@ -287,17 +289,18 @@ def report(samples: Sequence[ResizeSample], command: str, load_before: str, load
     return "\n".join(lines)
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def main(argv: Sequence[str] | None = None, cluster: Any = None) -> int:
+    """The CLI; ``cluster`` (a started LocalRayCluster with enough slot nodes) is for tests that share one."""
     parser = argparse.ArgumentParser(prog="python -m benchmarks.resize_latency", description=__doc__.splitlines()[0])
     parser.add_argument("--reps", type=int, default=3, help="repetitions of the resize cycle per model and mode")
     parser.add_argument("--models", default=None, help=f"comma-separated, from {', '.join(MODELS)} (default: all)")
     parser.add_argument("--steady-steps", type=int, default=8, help="steps before and after each resize")
-    parser.add_argument("--quick", action="store_true", help="digits only, cycle 1->2->1, 1 repetition, 4 steady steps")
+    parser.add_argument("--quick", action="store_true", help="digits only, cycle 1->2->1, 1 repetition, 3 steady steps")
     parser.add_argument("--out", default=str(RESULTS_DIR), help="folder of resize_latency.md")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
     if args.quick:
-        models, reps, cycle, steady = ["digits"], 1, QUICK_CYCLE, 4
+        models, reps, cycle, steady = ["digits"], 1, QUICK_CYCLE, 3
     else:
         models = args.models.split(",") if args.models else list(MODELS)
         reps, cycle, steady = args.reps, FULL_CYCLE, args.steady_steps
@@ -311,7 +314,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     command = "python -m benchmarks.resize_latency " + " ".join(argv if argv is not None else sys.argv[1:])
     load_before = machine_load()
     started = time.monotonic()
-    samples = measure(models, reps, cycle, steady)
+    samples = measure(models, reps, cycle, steady, cluster=cluster)
     text = report(samples, command.strip(), load_before, machine_load(), time.monotonic() - started)
     path = write_result(Path(args.out) / "resize_latency.md", text)
     print(text)
