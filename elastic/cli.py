@@ -8,6 +8,9 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
+
+import yaml
 import sys
 from pathlib import Path
 
@@ -60,8 +63,19 @@ def _overrides(args: argparse.Namespace) -> dict:
 
     overrides = parse_overrides(args.overrides)
     if getattr(args, "cluster_address", None):
-        overrides.update({"cluster.backend": "ray", "cluster.address": args.cluster_address})
+        overrides["cluster.address"] = args.cluster_address
+        if overrides.get("cluster.backend", _backend_in(args.job)) == "local":
+            overrides["cluster.backend"] = "ray"  # attaching to a cluster replaces the embedded one
     return overrides
+
+
+def _backend_in(job: str) -> str:
+    """cluster.backend as written in the job file ("local" when absent or unreadable)."""
+    try:
+        cluster = yaml.safe_load(Path(job).read_text()).get("cluster") or {}
+        return str(cluster.get("backend", "local"))
+    except Exception:  # noqa: BLE001 - the real parse reports a broken file properly
+        return "local"
 
 
 def _cmd_validate(args: argparse.Namespace) -> int:
@@ -108,7 +122,13 @@ def _cmd_run(args: argparse.Namespace) -> int:
     from elastic.group import WorkerGroupError
     from elastic.trainer import ElasticTrainer, TrainerError
 
-    trainer = ElasticTrainer(spec, resume=args.resume, ledger=args.ledger, show_progress=not args.quiet)
+    operator_client = None
+    if os.environ.get("ELASTIC_JOB_RESOURCE"):  # a driver pod of the ElasticJob operator
+        from controller.k8s_operator import ElasticJobStatusClient
+
+        operator_client = ElasticJobStatusClient.from_env()
+    trainer = ElasticTrainer(spec, resume=args.resume, ledger=args.ledger, show_progress=not args.quiet,
+                             operator_client=operator_client)
     try:
         summary = trainer.run()
     except (MetricsError, CheckpointError, BackendError) as exc:

@@ -313,13 +313,16 @@ class ClusterConfig(_Section):
     def _check(self) -> ClusterConfig:
         problems = _Problems("ClusterConfig")
         needed = {"ray": ("address",), "kuberay": ("namespace", "raycluster", "group")}
+        # A KubeRay job's driver also connects to its Ray head: address is allowed there (default auto).
+        allowed = {"address": ("ray", "kuberay")}
         for backend, fields in needed.items():
             for name in fields:
                 value = getattr(self, name)
+                users = allowed.get(name, (backend,))
                 if self.backend == backend and not value:
                     problems.add((name,), f"required for backend={backend}", value)
-                elif self.backend != backend and value is not None:
-                    problems.add((name,), f"only used by backend={backend} (got backend={self.backend})", value)
+                elif self.backend not in users and value is not None:
+                    problems.add((name,), f"only used by backend={' or '.join(users)} (got backend={self.backend})", value)
         problems.raise_if_any()
         return self
 

@@ -79,12 +79,14 @@ class ElasticTrainer:
     """
 
     def __init__(self, spec: JobSpec, resume: bool = False, registry: Any = None, ledger: bool = False,
-                 on_step: Callable[[ElasticTrainer], None] | None = None, show_progress: bool = True) -> None:
+                 on_step: Callable[[ElasticTrainer], None] | None = None, show_progress: bool = True,
+                 operator_client: Any = None) -> None:
         self.spec = spec
         self.resume = resume
         self.run_dir = Path(spec.run_dir)
         self.on_step = on_step
         self.show_progress = show_progress
+        self.operator_client = operator_client  # set in a driver pod: the operator decides, we report
         self._registry = registry
         self._ledger_path = self.run_dir / "ledger.jsonl" if ledger else None
         self._lock = threading.Lock()
@@ -186,6 +188,24 @@ class ElasticTrainer:
 
     def current_workers(self) -> int:
         return self.group.size if self.group is not None else 0
+
+    def target_workers(self) -> int:
+        with self._lock:
+            return self._target
+
+    def report(self) -> dict[str, Any]:
+        """What a driver pod publishes in its ElasticJob's status.trainer (controller.operator_link)."""
+        with self._lock:
+            last = dict(self._last)
+            times = {ws: statistics.median(d) for ws, d in self._step_times.items() if d}
+            released = tuple(self._released)
+            target = self._target
+        estimated = last.get("scale", 1) > 1
+        return {"workers": self.current_workers(), "target_workers": target,
+                "progress": float(last.get("progress", 0.0)), "gain": float(last.get("gain", 1.0)),
+                "grad_variance": last.get("grad_variance") if estimated else None,
+                "grad_sqnorm": last.get("grad_sqnorm") if estimated else None,
+                "step_time_s": times, "released_pods": released}
 
     def snapshot(self):
         from controller.policy import JobSnapshot
@@ -437,6 +457,13 @@ class ElasticTrainer:
 
     def _start_controller(self, stop: threading.Event) -> threading.Thread | None:
         from controller.loop import ReconcileLoop
+
+        if self.operator_client is not None:
+            from controller.operator_link import OperatorLink
+
+            self._target_cause = "controller"
+            link = OperatorLink(self.operator_client, self)
+            return link.start(stop, self.spec.scaling.interval_s)
 
         loop = ReconcileLoop(self._policy(), self.backend.actuator, self.snapshot, self,
                              metrics=self.controller_metrics)

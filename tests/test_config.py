@@ -171,7 +171,7 @@ MALFORMED = [
     ({"scaling": {"interval_s": -1}}, "scaling.interval_s: must be > 0 (got -1)"),
     ({"cluster": {"backend": "ray"}}, "cluster.address: required for backend=ray"),
     ({"cluster": {"backend": "kubernetes"}}, "cluster.backend: must be 'local', 'ray' or 'kuberay' (got 'kubernetes')"),
-    ({"cluster": {"backend": "local", "address": "ray://head:10001"}}, "cluster.address: only used by backend=ray (got backend=local)"),
+    ({"cluster": {"backend": "local", "address": "ray://head:10001"}}, "cluster.address: only used by backend=ray or kuberay (got backend=local)"),
     ({"checkpoint": {"every_steps": 0}}, "checkpoint.every_steps: must be >= 1 (got 0)"),
     ({"checkpoint": {"keep_last": 0}}, "checkpoint.keep_last: must be >= 1 (got 0)"),
     ({"metrics": {"port": 70000}}, "metrics.port: must be <= 65535 (got 70000)"),
