@@ -149,6 +149,11 @@ class AdaScale:
         return self._mu2
 
     @property
+    def num_estimates(self) -> int:
+        """How many steps' statistics the smoothed estimates hold (0: nothing measured yet)."""
+        return self._num_estimates
+
+    @property
     def steps(self) -> int:
         return self._steps
 

@@ -117,7 +117,12 @@ class ElasticTrainer:
         self.run_dir.mkdir(parents=True, exist_ok=True)
         log_handler = logging.FileHandler(self.run_dir / "train.log")
         log_handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+        log_handler.setLevel(logging.INFO)
         logging.getLogger().addHandler(log_handler)
+        for name in ("elastic", "controller"):  # the run's log keeps INFO whatever the console shows
+            package_logger = logging.getLogger(name)
+            if package_logger.getEffectiveLevel() > logging.INFO:
+                package_logger.setLevel(logging.INFO)
         self.checkpoints = CheckpointManager(self.spec.checkpoint.dir, keep_last=self.spec.checkpoint.keep_last)
         self._setup_metrics()
         self.backend = make_backend(self.spec)
@@ -200,7 +205,7 @@ class ElasticTrainer:
             times = {ws: statistics.median(d) for ws, d in self._step_times.items() if d}
             released = tuple(self._released)
             target = self._target
-        estimated = last.get("scale", 1) > 1
+        estimated = bool(last.get("num_estimates"))
         return {"workers": self.current_workers(), "target_workers": target,
                 "progress": float(last.get("progress", 0.0)), "gain": float(last.get("gain", 1.0)),
                 "grad_variance": last.get("grad_variance") if estimated else None,
@@ -221,8 +226,9 @@ class ElasticTrainer:
             capacity_workers=self.backend.actuator.capacity_workers(),
             progress=last.get("progress", 0.0),
             total_progress=self.spec.total_progress,
-            grad_variance=last.get("grad_variance") if last.get("scale", 1) > 1 else None,
-            grad_sqnorm=last.get("grad_sqnorm") if last.get("scale", 1) > 1 else None,
+            # The estimates are of scale-1 quantities: still valid after shrinking to one worker.
+            grad_variance=last.get("grad_variance") if last.get("num_estimates") else None,
+            grad_sqnorm=last.get("grad_sqnorm") if last.get("num_estimates") else None,
             accumulation_steps=self.spec.accumulation_steps,
             step_time_s_by_workers=times,
             last_resize_s=self._last_resize_s,
@@ -318,12 +324,14 @@ class ElasticTrainer:
             target = self._target
             cause = self._target_cause
         size, pending = self.group.size, len(self.group.pending)
+        if size == 0:
+            return None  # nothing to grow from: _recover_all_lost restores the checkpoint first
         if target > size:
             if size + pending < target:
                 self.group.spawn(target - size - pending)
             ready = self.group.poll_ready()
             all_ready = len(ready) == len(self.group.pending)
-            if ready and (all_ready or self.group.oldest_ready_wait_s() > GROW_BATCH_WAIT_S or size == 0):
+            if ready and (all_ready or self.group.oldest_ready_wait_s() > GROW_BATCH_WAIT_S):
                 joining = ready[: target - size]
                 self.group.grow(joining)
                 return size, self.group.size, "grow", cause

@@ -178,6 +178,7 @@ class ElasticWorker:
             "learning_rate": self.opt.learning_rate,
             "grad_variance": self.opt.grad_variance,
             "grad_sqnorm": self.opt.grad_sqnorm,
+            "num_estimates": self.opt.num_estimates,
             "compute_s": time.perf_counter() - started,
         }
 

@@ -26,7 +26,7 @@ def digits_spec(run_dir: Path, **overrides: Any) -> JobSpec:
         "workers": {"min": 1, "max": 3, "initial": 2},
         "scaling": {"policy": "fixed", "interval_s": 0.5},
         "checkpoint": {"every_steps": 50, "keep_last": 2},
-        "metrics": {"enabled": False},
+        "metrics": {"enabled": False, "log": True},
         "run_dir": str(run_dir),
     }
     return parse_job_spec(data, overrides=overrides)
