@@ -7,6 +7,7 @@
 
 from __future__ import annotations
 
+import socket
 import threading
 from typing import Any
 
@@ -15,6 +16,47 @@ from elastic.config import JobSpec
 
 class BackendError(RuntimeError):
     """The cluster could not be reached or started (one-line message)."""
+
+
+#: Seconds to wait for a TCP connection to a Ray address before calling it unreachable.
+CONNECT_TIMEOUT_S = 3.0
+
+
+def host_port(address: str) -> tuple[str, int] | None:
+    """``host:port``, ``ray://host:port`` or ``[v6]:port`` -> (host, port); None for ``auto`` and the like."""
+    rest = address.strip()
+    scheme, sep, after = rest.partition("://")
+    if sep:
+        if scheme != "ray":
+            return None
+        rest = after
+    rest = rest.split("/", 1)[0]
+    host, sep, port = rest.rpartition(":")
+    if not sep or not host or not port.isdigit():
+        return None
+    return host.strip("[]"), int(port)
+
+
+def check_reachable(address: str, timeout_s: float = CONNECT_TIMEOUT_S) -> None:
+    """Fails fast when a ``host:port`` Ray address does not accept TCP connections.
+
+    Raises:
+        BackendError: ``cluster.address: cannot reach HOST:PORT (reason)``.
+    """
+    target = host_port(address)
+    if target is None:
+        return
+    host, port = target
+    if not 0 < port < 65536:
+        raise BackendError(f"cluster.address: port must be in 1..65535 (got {address!r})")
+    try:
+        with socket.create_connection((host, port), timeout=timeout_s):
+            pass
+    except socket.timeout:
+        raise BackendError(f"cluster.address: cannot reach {host}:{port} (no answer within {timeout_s:g} s)") from None
+    except OSError as exc:
+        reason = exc.strerror or str(exc) or type(exc).__name__
+        raise BackendError(f"cluster.address: cannot reach {host}:{port} ({reason})") from None
 
 
 class LocalBackend:
@@ -69,6 +111,7 @@ class RayBackend:
 
         local_ray_environment(loopback=False)
         address = self.spec.cluster.address or "auto"
+        check_reachable(address)  # ray.init may retry an unreachable address for a long time
         try:
             ray.init(address=address, logging_level="WARNING")
         except Exception as exc:  # noqa: BLE001 - ray raises several types for an unreachable cluster

@@ -23,7 +23,13 @@ def main(argv: list[str] | None = None) -> int:
     if not getattr(args, "command", None):
         parser.print_help()
         return EXIT_BAD_INPUT
-    return args.handler(args)
+    try:
+        return args.handler(args)
+    except Exception as exc:  # noqa: BLE001 - a bug, not bad input: still one line unless asked for more
+        if getattr(args, "verbose", False):
+            raise
+        hint = "; rerun with --verbose for the traceback" if hasattr(args, "verbose") else ""
+        return _fail(f"unexpected {type(exc).__name__}: {_first_line(exc)} (a bug in elastic{hint})", EXIT_FAILED)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -78,20 +84,42 @@ def _backend_in(job: str) -> str:
         return "local"
 
 
+def _field_in(job: str, overrides: dict, key: str):
+    """A top-level field of the job file after overrides (None when absent or unreadable)."""
+    if key in overrides:
+        return overrides[key]
+    try:
+        return yaml.safe_load(Path(job).read_text()).get(key)
+    except Exception:  # noqa: BLE001 - the real parse reports a broken file properly
+        return None
+
+
 def _cmd_validate(args: argparse.Namespace) -> int:
     from elastic.config import ConfigError, load_job_spec, validate_job_spec
-    from elastic.task import TaskError, resolve_task
 
+    spec = None
     try:
-        errors = validate_job_spec(args.job, _overrides(args))
+        overrides = _overrides(args)
+        errors = validate_job_spec(args.job, overrides)
     except ConfigError as exc:
-        errors = exc.errors
+        errors, overrides = exc.errors, None
     if not errors:
-        spec = load_job_spec(args.job, _overrides(args))
+        from elastic.task import TaskError  # imports torch
+
+        spec = load_job_spec(args.job, overrides)
         try:
-            resolve_task(spec.task)
+            preflight(spec)
         except TaskError as exc:
             errors = [str(exc)]
+    elif overrides is not None and not any(e.startswith("task") for e in errors):
+        task = _field_in(args.job, overrides, "task")
+        if isinstance(task, str):  # the rest of the spec is wrong, but the task can be checked alone
+            from elastic.task import TaskError, resolve_task
+
+            try:
+                resolve_task(task)
+            except TaskError as exc:
+                errors = [*errors, str(exc)]
     if errors:
         for line in errors:
             print(f"error: {line}", file=sys.stderr)
@@ -102,11 +130,57 @@ def _cmd_validate(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def preflight(spec) -> None:
+    """Checks what a bad task or data set would otherwise make fail on the workers, in about a second
+    and before any cluster starts: the task imports and builds with ``task_args``, ``train_dataset()``
+    returns a map-style dataset, and that dataset holds at least one global batch at ``workers.max``.
+
+    The task is built once here in the driver and dropped again.
+
+    Raises:
+        TaskError: one line naming the task and the cause.
+    """
+    from elastic.task import TaskError, load_task
+
+    task = load_task(spec.task, spec.task_args)
+    try:
+        dataset = task.train_dataset()
+    except Exception as exc:  # noqa: BLE001 - any failure is the user's task failing
+        raise TaskError(f"task: {spec.task}.train_dataset() raised {type(exc).__name__}: "
+                        f"{_first_line(exc)}") from None
+    try:
+        size = len(dataset)
+    except Exception as exc:  # noqa: BLE001 - an IterableDataset, None, or a broken __len__
+        raise TaskError(f"task: {spec.task}.train_dataset() must return a map-style dataset with len() "
+                        f"(got {type(dataset).__name__}: {type(exc).__name__}: {_first_line(exc)})") from None
+    batch = spec.global_batch_size(spec.workers.max)
+    if size < batch:
+        raise TaskError(f"task: dataset has {size} samples, smaller than one global batch of {batch} "
+                        f"at workers.max={spec.workers.max} (batch_size_per_worker={spec.batch_size_per_worker}, "
+                        f"accumulation_steps={spec.accumulation_steps})")
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else "(no message)"
+
+
+def _check_run_dir(spec) -> None:
+    """The run directory can be created and written (the trainer writes its log there first)."""
+    from elastic.config import ConfigError
+
+    path = Path(spec.run_dir)
+    probe = path / f".elastic-probe-{os.getpid()}"
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as exc:
+        raise ConfigError(f"run_dir: cannot write to {path}: {exc.strerror or exc}") from None
+
+
 def _cmd_run(args: argparse.Namespace) -> int:
-    from elastic.checkpoint import CheckpointError
     from elastic.config import ConfigError, load_job_spec
-    from elastic.metrics import MetricsError
-    from elastic.task import TaskError, resolve_task
 
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
@@ -114,12 +188,22 @@ def _cmd_run(args: argparse.Namespace) -> int:
         logging.getLogger(noisy).setLevel(logging.WARNING)
     try:
         spec = load_job_spec(args.job, _overrides(args))
-        resolve_task(spec.task)
+    except ConfigError as exc:
+        return _fail(str(exc), EXIT_BAD_INPUT)
+
+    from elastic.task import TaskError  # imports torch
+
+    try:
+        preflight(spec)  # bad task or data: fail here, before any Ray cluster starts
+        _check_run_dir(spec)
     except (ConfigError, TaskError) as exc:
         return _fail(str(exc), EXIT_BAD_INPUT)
 
+    # Imported only now: a bad spec fails without loading torch and Ray (about a second).
     from elastic.backends import BackendError
+    from elastic.checkpoint import CheckpointError
     from elastic.group import WorkerGroupError
+    from elastic.metrics import MetricsError
     from elastic.trainer import ElasticTrainer, TrainerError
 
     operator_client = None
