@@ -378,3 +378,52 @@ def test_elasticjob_rejected_by_the_crd(case_id):
     assert schema_errors(_bad("spec.workers.min", 1)) == []  # the unmodified sample passes
     errors = schema_errors(_bad(path, value))
     assert any(expected in e for e in errors), errors
+
+
+# ------------------------------------------------------------------ the pieces, in process (fast)
+
+
+def test_preflight_in_process():
+    from elastic.cli import preflight
+    from elastic.config import parse_job_spec
+    from elastic.task import TaskError
+
+    spec = {k: v for k, v in BASE.items() if k != "run_dir"}
+    preflight(parse_job_spec(spec))  # 256 samples >= 2 x 8
+    with pytest.raises(TaskError, match=r"dataset has 256 samples, smaller than one global batch of 320 at workers.max=4"):
+        preflight(parse_job_spec(spec, {"workers.max": 4, "batch_size_per_worker": 16, "accumulation_steps": 5}))
+    with pytest.raises(TaskError, match=r"DatasetRaisesTask.train_dataset\(\) raised RuntimeError"):
+        preflight(parse_job_spec(spec, {"task": "tests.hostile_tasks:DatasetRaisesTask"}))
+    with pytest.raises(TaskError, match=r"no attribute 'NOT_A_CLASS_'"):
+        preflight(parse_job_spec(spec, {"task": "tests.hostile_tasks:NOT_A_CLASS_"}))
+    with pytest.raises(TaskError, match=r"NOT_A_CLASS\(\*\*task_args\) raised TypeError"):
+        preflight(parse_job_spec(spec, {"task": "tests.hostile_tasks:NOT_A_CLASS"}))
+
+
+@pytest.mark.parametrize("address, expected", [
+    ("127.0.0.1:6379", ("127.0.0.1", 6379)),
+    ("ray://head.example:10001", ("head.example", 10001)),
+    ("[::1]:6379", ("::1", 6379)),
+    ("auto", None),
+    ("local", None),
+    ("http://head:8265", None),
+    ("head:port", None),
+])
+def test_host_port(address, expected):
+    from elastic.backends import host_port
+
+    assert host_port(address) == expected
+
+
+def test_check_reachable(ports):
+    from elastic.backends import BackendError, check_reachable
+
+    busy, closed = ports
+    check_reachable(f"127.0.0.1:{busy}")  # something listens: no error
+    check_reachable("auto")  # not host:port: left to ray.init
+    started = time.monotonic()
+    with pytest.raises(BackendError, match=rf"^cluster.address: cannot reach 127.0.0.1:{closed} \("):
+        check_reachable(f"ray://127.0.0.1:{closed}")
+    assert time.monotonic() - started < 3.5
+    with pytest.raises(BackendError, match=r"port must be in 1..65535"):
+        check_reachable("127.0.0.1:70000")
