@@ -120,10 +120,13 @@ def test_quickstart_matches_a_fixed_size_run(tmp_path):
         assert run.progress >= run.total_progress == 6000
     acc_elastic, acc_fixed = elastic.evaluation["accuracy"], fixed.evaluation["accuracy"]
     assert abs(acc_elastic - acc_fixed) <= 0.01, (acc_elastic, acc_fixed)
-    # AdaScale spends samples on progress alike at any scale when gradients are noisy: the two runs
-    # used about as many samples (each sample counted once; see the ledger test for exactness).
-    assert elastic.samples == pytest.approx(fixed.samples, rel=0.15)
-    check_exactly_once(read_ledger(tmp_path / "elastic"), DIGITS_TRAIN_LEN, seed=0)
+    # Every sample the summary counts was consumed exactly once, in the global order.
+    counts = check_exactly_once(read_ledger(tmp_path / "elastic"), DIGITS_TRAIN_LEN, seed=0)
+    assert counts["samples"] == elastic.samples
+    # Samples per unit of tau follow the statistical efficiency (1 at one worker, r/S below 1 at
+    # more): the elastic run spent part of its tau at one worker, so it used somewhat fewer samples
+    # (measured 211k vs 253k); a lost or repeated batch stream would be far off.
+    assert 0.75 <= elastic.samples / fixed.samples <= 1.05
 
 
 def test_resume_after_the_driver_is_killed(tmp_path):
