@@ -114,8 +114,11 @@ class ElasticTrainer:
     def run(self) -> RunSummary:
         from elastic.backends import make_backend
 
-        self.run_dir.mkdir(parents=True, exist_ok=True)
-        log_handler = logging.FileHandler(self.run_dir / "train.log")
+        try:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            log_handler = logging.FileHandler(self.run_dir / "train.log")
+        except OSError as exc:
+            raise TrainerError(f"run_dir: cannot write to {self.run_dir}: {exc.strerror or exc}") from None
         log_handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
         log_handler.setLevel(logging.INFO)
         logging.getLogger().addHandler(log_handler)
