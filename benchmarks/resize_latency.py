@@ -20,6 +20,7 @@ between the modes so that machine load hits both alike. Every repetition runs th
 1 -> 2 -> 4 -> 2 -> 1 (``--quick``: 1 -> 2 -> 1 on the digits CNN only).
 
     python -m benchmarks.resize_latency [--reps 3] [--models digits,wide-mlp] [--quick] [--out DIR]
+    python -m benchmarks.resize_latency --diagnose [--reps 3]   # phases of an in-place grow
 """
 
 from __future__ import annotations
@@ -147,6 +148,38 @@ class _Run:
         extra = self._after(first)
         return ResizeSample(self.model, "in-place", size, to_workers, first[0] - boundary, extra, parts)
 
+    def grow_by_hand(self, to_workers: int) -> ResizeSample:
+        """An in-place grow whose re-form is driven here, call by call, with the same actor calls as
+        ``WorkerGroup._reform`` (rendezvous on rank 0, rank 0's state through the object store,
+        ``join`` on every rank), to time its phases. Diagnostic only (``--diagnose``)."""
+        import ray
+
+        g, d = self.group, self.driver
+        size = g.size
+        g.spawn(to_workers - size)
+        newcomers = g.wait_ready(to_workers - size, READY_TIMEOUT_S)
+        d.steps(self.steady)
+        boundary = d.last_end_s
+        members = g.members + newcomers
+        t0 = time.perf_counter()
+        host, port = ray.get(members[0].actor.open_rendezvous.remote())
+        t1 = time.perf_counter()
+        state_ref = members[0].actor.state.remote()
+        ray.wait([state_ref], fetch_local=False)
+        t2 = time.perf_counter()
+        joined = ray.get([m.actor.join.remote(rank, len(members), host, port, state_ref if m in newcomers else None)
+                          for rank, m in enumerate(members)])
+        t3 = time.perf_counter()
+        for m in newcomers:
+            g.pending.pop(m.worker_id, None)
+        g.members = members
+        first = d.step()
+        extra = self._after(first)
+        parts = {"rendezvous": t1 - t0, "state_to_object_store": t2 - t1, "joins": t3 - t2,
+                 "join_in_old_ranks": max(j["join_s"] for j in joined[:size]),
+                 "join_in_newcomers": max(j["join_s"] for j in joined[size:])}
+        return ResizeSample(self.model, "in-place (by hand)", size, to_workers, first[0] - boundary, extra, parts)
+
     # ------------------------------------------------------------------ restart-based
     def restart(self, to_workers: int) -> ResizeSample:
         from elastic.checkpoint import CheckpointManager
@@ -215,6 +248,26 @@ def measure(models: Sequence[str], reps: int, cycle: Sequence[int], steady_steps
                         run.close()
     finally:
         shutil.rmtree(ckpt_root, ignore_errors=True)
+    return samples
+
+
+def diagnose(models: Sequence[str], reps: int, steady_steps: int, log: Callable[[str], None] = print,
+             cluster: Any = None) -> list[ResizeSample]:
+    """Grows 1 -> 2 -> 4 re-formed by hand (:meth:`_Run.grow_by_hand`), ``reps`` times per model."""
+    samples: list[ResizeSample] = []
+    with contextlib.nullcontext(cluster) if cluster is not None else local_cluster(4) as cluster:
+        for model in models:
+            for rep in range(reps):
+                run = _Run(model, cluster, steady_steps, "/nonexistent", log)
+                try:
+                    run.start(1)
+                    for to in (2, 4):
+                        sample = run.grow_by_hand(to)
+                        samples.append(sample)
+                        log(f"{model:9s} by hand rep {rep + 1}/{reps} {sample.resize:12s} pause {sample.pause_s:7.3f} s "
+                            + " ".join(f"{k}={v:.3f}" for k, v in sample.parts.items()))
+                finally:
+                    run.close()
     return samples
 
 
@@ -296,6 +349,8 @@ def main(argv: Sequence[str] | None = None, cluster: Any = None) -> int:
     parser.add_argument("--models", default=None, help=f"comma-separated, from {', '.join(MODELS)} (default: all)")
     parser.add_argument("--steady-steps", type=int, default=8, help="steps before and after each resize")
     parser.add_argument("--quick", action="store_true", help="digits only, cycle 1->2->1, 1 repetition, 3 steady steps")
+    parser.add_argument("--diagnose", action="store_true",
+                        help="instead: time the phases of in-place grows re-formed by hand (to resize_phases.md)")
     parser.add_argument("--out", default=str(RESULTS_DIR), help="folder of resize_latency.md")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
@@ -314,6 +369,21 @@ def main(argv: Sequence[str] | None = None, cluster: Any = None) -> int:
     command = "python -m benchmarks.resize_latency " + " ".join(argv if argv is not None else sys.argv[1:])
     load_before = machine_load()
     started = time.monotonic()
+    if args.diagnose:
+        samples = diagnose(models, reps, steady, cluster=cluster)
+        text = "\n".join([
+            "# In-place grow, phase by phase (diagnostic)", "",
+            f"`{command.strip()}` — {time.strftime('%Y-%m-%d %H:%M %Z')}, {time.monotonic() - started:.0f} s; "
+            f"{load_before} before, {machine_load()} after (the machine is shared).", "",
+            "The same actor calls as WorkerGroup._reform, driven one by one from the benchmark: rendezvous on "
+            "rank 0; rank 0's state put in the object store; join on every rank (newcomers fetch the state "
+            "through Ray, then form the gloo group, load it and build DDP, which broadcasts rank 0's weights). "
+            "join_in_* is the time inside join() on the slowest rank of each kind, without the argument fetch.", "",
+            markdown_table(DETAIL_HEADERS, detail_rows(samples))])
+        path = write_result(Path(args.out) / "resize_phases.md", text)
+        print(text)
+        print(f"written to {path}")
+        return 0
     samples = measure(models, reps, cycle, steady, cluster=cluster)
     text = report(samples, command.strip(), load_before, machine_load(), time.monotonic() - started)
     path = write_result(Path(args.out) / "resize_latency.md", text)
