@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -87,7 +88,7 @@ def scenario_all_lost(base: Path):
     log = (run_dir / "train.log").read_text().splitlines()
     stamps = [_stamp(line) for key in ("lost every worker", "resumed with") for line in log if key in line][:2]
     recover = f"{stamps[1] - stamps[0]:.1f}" if len(stamps) == 2 else "-"
-    redone = next((line.split("(")[-1].split(" step")[0] for line in log if "resumed with" in line), "?")
+    redone = next((m.group(1) for line in log if (m := re.search(r"\((\d+) step\(s\) redone\)", line))), "?")
     lost, _ = _ledger_verdict(run_dir)
     return ("Lose every worker", "SIGKILL both workers in one step",
             "waited for capacity, started 2 new workers, resumed from the newest checkpoint (every 25 steps)",
