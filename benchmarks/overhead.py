@@ -5,7 +5,10 @@ see the same batches; their steps are interleaved A/B, B/A, A/B, ... so that dri
 hits both alike. A timed step is the whole optimizer step: ``accumulation_steps`` forward/backward
 passes (``no_sync`` on all but the last under DDP), ``step()`` and ``zero_grad()``. Under DDP the
 ranks meet at a barrier before each timed step and rank 0's times are reported. The table gives the
-median over ``--steps`` timed steps per arm after a warm-up.
+median over ``--steps`` timed steps per arm after a warm-up, of the wall-clock time (what a user
+waits for) and of the process CPU time (``time.process_time``: all threads of the process, which on
+a shared machine is far less disturbed by other processes than the wall clock; under DDP it leaves
+out time spent blocked in communication). The load average is written next to the table.
 
     python -m benchmarks.overhead [--steps 300] [--warmup 50] [--quick] [--out benchmarks/results]
 """
@@ -71,15 +74,25 @@ class OverheadConfig:
 
 @dataclass(frozen=True)
 class OverheadResult:
+    """Medians over the timed steps of one config (milliseconds per optimizer step)."""
+
     config: OverheadConfig
     parameters: int
     steps: int
     bare_ms: float
     adascale_ms: float
+    bare_cpu_ms: float
+    adascale_cpu_ms: float
 
     @property
     def ratio(self) -> float:
+        """Wall-clock AdaScale / bare."""
         return self.adascale_ms / self.bare_ms
+
+    @property
+    def cpu_ratio(self) -> float:
+        """CPU-time AdaScale / bare."""
+        return self.adascale_cpu_ms / self.bare_cpu_ms
 
 
 def build_model(name: str) -> tuple[nn.Module, int, Sequence[int]]:
@@ -98,32 +111,30 @@ def build_model(name: str) -> tuple[nn.Module, int, Sequence[int]]:
 
 
 def _batches(config: OverheadConfig, classes: int, shape: Sequence[int], rank: int, count: int = 16):
-    """A fixed pool of micro-batches, cycled through by both arms (different on each rank)."""
-    if config.model == "digits":
-        from examples.digits import load_split
+    """A fixed pool of random micro-batches (different on each rank), cycled through by both arms.
 
-        x_all, y_all, _, _ = load_split()
+    Step time does not depend on the values, so the digits model gets random 8x8 images in [0, 1]
+    instead of the real ones (which would cost every spawned rank a scikit-learn import)."""
     gen = torch.Generator().manual_seed(1000 + rank)
     pool = []
     for _ in range(count):
-        if config.model == "digits":
-            idx = torch.randint(0, len(y_all), (config.batch_size,), generator=gen)
-            pool.append((x_all[idx], y_all[idx]))
-        else:
-            pool.append((torch.randn(config.batch_size, *shape, generator=gen),
-                         torch.randint(0, classes, (config.batch_size,), generator=gen)))
+        x = torch.rand(config.batch_size, *shape, generator=gen)
+        if config.model != "digits":
+            x = 2 * x - 1
+        pool.append((x, torch.randint(0, classes, (config.batch_size,), generator=gen)))
     return pool
 
 
-def _timed_step(model: nn.Module, opt, micro, ddp: bool) -> float:
-    start = time.perf_counter()
+def _timed_step(model: nn.Module, opt, micro, ddp: bool) -> tuple[float, float]:
+    """(wall seconds, process CPU seconds) of one optimizer step."""
+    wall, cpu = time.perf_counter(), time.process_time()
     last = len(micro) - 1
     for i, (x, y) in enumerate(micro):
         with model.no_sync() if ddp and i < last else contextlib.nullcontext():
             (F.cross_entropy(model(x), y) / len(micro)).backward()
     opt.step()
     opt.zero_grad()
-    return time.perf_counter() - start
+    return time.perf_counter() - wall, time.process_time() - cpu
 
 
 def measure(config: OverheadConfig, steps: int, warmup: int, rank: int = 0) -> OverheadResult:
@@ -144,7 +155,7 @@ def measure(config: OverheadConfig, steps: int, warmup: int, rank: int = 0) -> O
     }
     pool = _batches(config, classes, shape, rank)
     acc = config.accumulation_steps
-    times: dict[str, list[float]] = {"bare": [], "adascale": []}
+    times: dict[str, list[tuple[float, float]]] = {"bare": [], "adascale": []}
     for k in range(warmup + steps):
         micro = [pool[(k * acc + i) % len(pool)] for i in range(acc)]
         order = ("bare", "adascale") if k % 2 == 0 else ("adascale", "bare")
@@ -154,12 +165,17 @@ def measure(config: OverheadConfig, steps: int, warmup: int, rank: int = 0) -> O
             elapsed = _timed_step(*arms[arm], micro, ddp)
             if k >= warmup:
                 times[arm].append(elapsed)
+    def median_ms(arm: str, which: int) -> float:
+        return 1e3 * statistics.median(t[which] for t in times[arm])
+
     return OverheadResult(
         config=config,
         parameters=sum(p.numel() for p in bare_net.parameters()),
         steps=steps,
-        bare_ms=1e3 * statistics.median(times["bare"]),
-        adascale_ms=1e3 * statistics.median(times["adascale"]),
+        bare_ms=median_ms("bare", 0),
+        adascale_ms=median_ms("adascale", 0),
+        bare_cpu_ms=median_ms("bare", 1),
+        adascale_cpu_ms=median_ms("adascale", 1),
     )
 
 
@@ -171,8 +187,9 @@ def _ddp_worker(rank: int, config: OverheadConfig, steps: int, warmup: int, port
     try:
         result = measure(config, steps, warmup, rank)
         if rank == 0:
-            Path(out).write_text(json.dumps({"parameters": result.parameters, "bare_ms": result.bare_ms,
-                                             "adascale_ms": result.adascale_ms}))
+            fields = asdict(result)
+            fields.pop("config")
+            Path(out).write_text(json.dumps(fields))
     finally:
         dist.destroy_process_group()
 
@@ -191,8 +208,7 @@ def measure_ddp(config: OverheadConfig, steps: int, warmup: int) -> OverheadResu
         out = os.path.join(tmp, "rank0.json")
         mp.spawn(_ddp_worker, args=(config, steps, warmup, _free_port(), out), nprocs=config.world_size, join=True)
         data = json.loads(Path(out).read_text())
-    return OverheadResult(config=config, parameters=data["parameters"], steps=steps,
-                          bare_ms=data["bare_ms"], adascale_ms=data["adascale_ms"])
+    return OverheadResult(config=config, **data)
 
 
 def run(configs: Sequence[OverheadConfig], steps: int, warmup: int, log=print) -> list[OverheadResult]:
@@ -203,7 +219,8 @@ def run(configs: Sequence[OverheadConfig], steps: int, warmup: int, log=print) -
             res = measure_ddp(config, steps, warmup)
         else:
             res = measure(config, steps, warmup)
-        log(f"{config.label}: bare {res.bare_ms:.3f} ms, AdaScale {res.adascale_ms:.3f} ms, ratio {res.ratio:.3f}")
+        log(f"{config.label}: bare {res.bare_ms:.3f} ms, AdaScale {res.adascale_ms:.3f} ms, ratio {res.ratio:.3f} "
+            f"(CPU ratio {res.cpu_ratio:.3f})")
         results.append(res)
     return results
 
@@ -229,23 +246,26 @@ QUICK_CONFIGS = (
     OverheadConfig("digits", 32, 1, world_size=2),
 )
 
-TABLE_HEADERS = ("config", "parameters", "bare median ms", "AdaScale median ms", "ratio")
+TABLE_HEADERS = ("config", "parameters", "bare median ms", "AdaScale median ms", "ratio",
+                 "bare CPU ms", "AdaScale CPU ms", "CPU ratio")
 
 
 def format_table(results: Sequence[OverheadResult]) -> str:
     return markdown_table(TABLE_HEADERS, [
-        (r.config.label, f"{r.parameters:,}", f"{r.bare_ms:.3f}", f"{r.adascale_ms:.3f}", f"{r.ratio:.3f}")
+        (r.config.label, f"{r.parameters:,}", f"{r.bare_ms:.3f}", f"{r.adascale_ms:.3f}", f"{r.ratio:.3f}",
+         f"{r.bare_cpu_ms:.3f}", f"{r.adascale_cpu_ms:.3f}", f"{r.cpu_ratio:.3f}")
         for r in results
     ])
 
 
-def format_report(results: Sequence[OverheadResult], steps: int, warmup: int, wall_s: float) -> str:
+def format_report(results: Sequence[OverheadResult], steps: int, warmup: int, wall_s: float,
+                  load_before: float, load_after: float) -> str:
     return "\n".join([
         "# AdaScale step-time overhead",
         "",
         f"Median of {steps} interleaved steps per arm after {warmup} warm-up steps; SGD momentum 0.9, "
         f"weight decay 5e-4; torch {torch.__version__}, 1 thread per process, {os.cpu_count()} cores; "
-        f"wall time {wall_s:.0f} s.",
+        f"wall time {wall_s:.0f} s; 1-minute load average {load_before:.1f} before, {load_after:.1f} after.",
         "",
         format_table(results),
     ])
@@ -255,18 +275,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.overhead", description=__doc__.split("\n")[0])
     parser.add_argument("--steps", type=int, default=300, help="timed steps per arm and config")
     parser.add_argument("--warmup", type=int, default=50, help="untimed steps first")
-    parser.add_argument("--quick", action="store_true", help="3 digits configs, 20 steps (a smoke run)")
+    parser.add_argument("--quick", action="store_true", help="3 digits configs, 10 steps (a smoke run)")
     parser.add_argument("--out", type=Path, default=RESULTS_DIR, help="folder for overhead.md")
     args = parser.parse_args(argv)
     if args.steps < 1 or args.warmup < 0:
         parser.error("--steps must be >= 1 and --warmup >= 0")
     configs, steps, warmup = DEFAULT_CONFIGS, args.steps, args.warmup
     if args.quick:
-        configs, steps, warmup = QUICK_CONFIGS, min(steps, 20), min(warmup, 3)
+        configs, steps, warmup = QUICK_CONFIGS, min(steps, 10), min(warmup, 2)
 
-    start = time.perf_counter()
+    load_before, start = os.getloadavg()[0], time.perf_counter()
     results = run(configs, steps, warmup)
-    report = format_report(results, steps, warmup, time.perf_counter() - start)
+    report = format_report(results, steps, warmup, time.perf_counter() - start, load_before, os.getloadavg()[0])
     print(report)
     path = write_text(args.out / ("overhead_quick.md" if args.quick else "overhead.md"), report)
     print(f"wrote {path}", file=sys.stderr)

@@ -331,7 +331,7 @@ def summarize(results: Sequence[RunResult], total_progress: dict[str, int]) -> l
 
 
 TABLE_HEADERS = ("task", "S", "rule", "test accuracy % (mean +- std)", "test loss", "steps",
-                 "speed-up T/steps", "mean gain", "diverged")
+                 "speed-up T/steps", "mean gain", "non-finite runs")
 
 
 def format_table(rows: Sequence[SummaryRow]) -> str:
@@ -343,6 +343,22 @@ def format_table(rows: Sequence[SummaryRow]) -> str:
     ])
 
 
+def accuracy_checks(rows: Sequence[SummaryRow]) -> list[str]:
+    """Per task and rule: the largest drop in mean accuracy from S=1 to any larger S (in points)."""
+    lines = []
+    for task in sorted({r.task for r in rows}):
+        for rule in RULES:
+            mine = {r.scale: r for r in rows if r.task == task and r.rule == rule}
+            if 1 not in mine or len(mine) < 2:
+                continue
+            base = mine[1].accuracy_mean
+            worst = min((r for s, r in mine.items() if s > 1), key=lambda r: r.accuracy_mean)
+            drop = 100 * (base - worst.accuracy_mean)
+            lines.append(f"- {task}, {rule}: S=1 {100 * base:.2f}%; largest drop {drop:+.2f} points "
+                         f"(at S={worst.scale}, {100 * worst.accuracy_mean:.2f}%)")
+    return lines
+
+
 def format_report(rows: Sequence[SummaryRow], setups: Sequence[TaskSetup], seeds: int, wall_s: float) -> str:
     lines = ["# Scale sweep: AdaScale vs. LSW vs. identity (gradient accumulation, one process)", ""]
     for s in setups:
@@ -350,7 +366,8 @@ def format_report(rows: Sequence[SummaryRow], setups: Sequence[TaskSetup], seeds
                      f"micro-batch {s.micro_batch}, base lr {s.base_lr}, SGD momentum {s.momentum}, weight decay "
                      f"{s.weight_decay}, step schedule x{s.gamma} at {list(s.milestones)} of T (in tau), "
                      f"LSW warm-up {100 * s.warmup_fraction:.1f}% of the iterations")
-    lines += [f"- {seeds} seed(s); wall time {wall_s:.0f} s", "", format_table(rows)]
+    lines += [f"- {seeds} seed(s); wall time {wall_s:.0f} s", "", format_table(rows),
+              "Accuracy drop from S=1 (mean over seeds; a negative drop is a gain):", "", *accuracy_checks(rows), ""]
     return "\n".join(lines)
 
 
