@@ -103,11 +103,12 @@ def test_resize_summary_medians_and_ratio():
 
 def test_overhead_report_flags_the_target():
     def result(group_ms):
-        return group_overhead.OverheadResult("digits", 100, group_ms, 10.0, 9.0, 1.0, 0.8, 1.0, 0.01, 0.0)
+        return group_overhead.OverheadResult("digits", 100, group_ms, 10.0, 9.0, 8.5, 1.0, 0.8, 1.0, 0.01, 0.0,
+                                             paired_ratio=group_ms / 10.0 + 0.01)
 
     assert result(10.5).ratio == pytest.approx(1.05)
     met = _tables(group_overhead.report([result(10.5)], "cmd", "a", "b", 1.0))
-    assert met[0][0][-1] == "<= 1.10: met" and met[1][0][3] == "1.50"
+    assert met[0][0][-1] == "<= 1.10: met" and met[1][0][2] == "9.00 / 8.50" and met[1][0][3] == "1.50"
     missed = _tables(group_overhead.report([result(12.0)], "cmd", "a", "b", 1.0))
     assert missed[0][0][-1] == "<= 1.10: missed"
 
@@ -149,8 +150,8 @@ def test_group_overhead_quick_table(cluster, tmp_path):
     text = (tmp_path / "group_overhead.md").read_text()
     main_table, details = _tables(text)[:2]
     assert len(main_table) == 1 and main_table[0][:4] == ["digits", "9,930", "2", "40"]
-    ddp_ms, group_ms, ratio = (float(x) for x in main_table[0][4:7])
-    assert 0 < ddp_ms and 0 < group_ms and ratio == pytest.approx(group_ms / ddp_ms, rel=0.01)
+    ddp_ms, group_ms, ratio, paired = (float(x) for x in main_table[0][4:8])
+    assert 0 < ddp_ms and 0 < group_ms and ratio == pytest.approx(group_ms / ddp_ms, rel=0.01) and paired > 0
     # Same initial weights, same samples, same optimizer: the two arms compute the same losses.
     assert float(details[0][-1]) < 1e-4
     assert "load average" in text
