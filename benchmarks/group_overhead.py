@@ -256,7 +256,8 @@ def _plan_ms(dataset_len: int, batch: int, count: int) -> float:
     return 1e3 * median(times)
 
 
-def measure_model(model: str, cluster: Any, steps: int, block: int, log: Callable[[str], None] = print) -> OverheadResult:
+def measure_model(model: str, cluster: Any, steps: int, block: int, log: Callable[[str], None] = print,
+                  probe_calls: int = 200) -> OverheadResult:
     from elastic.group import WorkerGroup
 
     spec = job_spec(model, max_workers=WORLD_SIZE)
@@ -313,13 +314,13 @@ def measure_model(model: str, cluster: Any, steps: int, block: int, log: Callabl
             log(f"{model}: block {b + 1}/{blocks}{'' if timed else ' (warm-up)'}: group {1e3 * median(group_times[-block:] if timed else [0]):.2f} ms, "
                 f"plain DDP {1e3 * median(ddp_times[-block:] if timed else [0]):.2f} ms, "
                 f"rank-0 loss {losses['group']:.6f} vs {losses['ddp']:.6f}")
-        probe = _probe_ms(200, batch)
+        probe = _probe_ms(probe_calls, batch)
         result = OverheadResult(
             model=model, steps=len(group_times), group_ms=1e3 * median(group_times), ddp_ms=1e3 * median(ddp_times),
             worker_compute_ms=1e3 * median(compute), worker_compute_fast_ms=1e3 * median(compute_fast),
-            ray_roundtrip_ms=_ping_ms(group, 200),
+            ray_roundtrip_ms=_ping_ms(group, probe_calls),
             probe_empty_ms=probe[0], probe_payload_ms=probe[1],
-            driver_plan_ms=_plan_ms(ready[0].info["dataset_len"], batch, 200), max_loss_diff=max(diffs),
+            driver_plan_ms=_plan_ms(ready[0].info["dataset_len"], batch, probe_calls), max_loss_diff=max(diffs),
             paired_ratio=median(pairs))
         return result
     finally:
@@ -329,12 +330,12 @@ def measure_model(model: str, cluster: Any, steps: int, block: int, log: Callabl
 
 
 def measure(models: Sequence[str], steps: int, block: int, log: Callable[[str], None] = print,
-            cluster: Any = None) -> list[OverheadResult]:
+            cluster: Any = None, probe_calls: int = 200) -> list[OverheadResult]:
     """Both arms for each model, on ``cluster`` (a started LocalRayCluster with 2 slot nodes) or a new one."""
     for m in models:
         model_spec(m)
     with contextlib.nullcontext(cluster) if cluster is not None else local_cluster(WORLD_SIZE) as cluster:
-        return [measure_model(m, cluster, steps, block, log) for m in models]
+        return [measure_model(m, cluster, steps, block, log, probe_calls) for m in models]
 
 
 HEADERS = ["model", "params", "world size", "steps", "plain DDP step median (ms)", "group step median (ms)",
@@ -380,7 +381,7 @@ def main(argv: Sequence[str] | None = None, cluster: Any = None) -> int:
     parser.add_argument("--steps", type=int, default=400, help="timed steps per arm and model")
     parser.add_argument("--block", type=int, default=25, help="steps per block (the arms alternate block by block)")
     parser.add_argument("--models", default=None, help=f"comma-separated, from {', '.join(MODELS)} (default: all)")
-    parser.add_argument("--quick", action="store_true", help="digits only, 40 timed steps in blocks of 20")
+    parser.add_argument("--quick", action="store_true", help="digits only, 40 timed steps in blocks of 20, 50 probe calls")
     parser.add_argument("--out", default=str(RESULTS_DIR), help="folder of group_overhead.md")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
@@ -399,7 +400,7 @@ def main(argv: Sequence[str] | None = None, cluster: Any = None) -> int:
     command = "python -m benchmarks.group_overhead " + " ".join(argv if argv is not None else sys.argv[1:])
     load_before = machine_load()
     started = time.monotonic()
-    results = measure(models, steps, block, cluster=cluster)
+    results = measure(models, steps, block, cluster=cluster, probe_calls=50 if args.quick else 200)
     text = report(results, command.strip(), load_before, machine_load(), time.monotonic() - started)
     path = write_result(Path(args.out) / "group_overhead.md", text)
     print(text)

@@ -302,14 +302,15 @@ def detail_rows(samples: Sequence[ResizeSample]) -> list[list[Any]]:
     for key in keys:
         group = [s for s in samples if (s.model, s.resize, s.mode) == key]
         phases = sorted({k for s in group for k in s.parts})
-        text = ", ".join(f"{k} {median([s.parts[k] for s in group if k in s.parts]):.3f}" for k in phases)
+        text = ", ".join(f"{k} {median([s.parts[k] for s in group if k in s.parts]):{'.0f' if k == 'warm_steps' else '.3f'}}"
+                         for k in phases)
         rows.append([*key, f"{median([s.gap_s for s in group]):.3f}",
                      f"{median([s.first_step_extra_s for s in group]):.3f}", text])
     return rows
 
 
 DETAIL_HEADERS = ["model", "resize", "mode", "gap median (s)", "first-step extra median (s)",
-                  "phases of the gap (medians, s; warm_steps = steps trained while newcomers warmed up)"]
+                  "phases of the gap (medians, s)"]
 
 
 def report(samples: Sequence[ResizeSample], command: str, load_before: str, load_after: str, elapsed_s: float) -> str:
@@ -325,7 +326,9 @@ def report(samples: Sequence[ResizeSample], command: str, load_before: str, load
         "(one node per worker), gloo on CPU, one thread per worker, batch 32 per worker.",
         "",
         markdown_table(HEADERS, rows),
-        "Where the time goes:",
+        "Where the time goes (reform = group.grow / group.shrink; warm_steps = steps trained at the old size "
+        "while the newcomers warmed up, not part of the pause; kill_and_start = kill every actor, start and "
+        "warm up the new ones; load_and_form = read the checkpoint, form the group, load the state):",
         "",
         markdown_table(DETAIL_HEADERS, detail_rows(samples)),
     ]
