@@ -10,7 +10,10 @@ waits for) and of the process CPU time (``time.process_time``: all threads of th
 a shared machine is far less disturbed by other processes than the wall clock; under DDP it leaves
 out time spent blocked in communication). The load average is written next to the table.
 
-    python -m benchmarks.overhead [--steps 300] [--warmup 50] [--quick] [--out benchmarks/results]
+    python -m benchmarks.overhead [--steps 300] [--warmup 50] [--quick] [--no-breakdown] [--out DIR]
+
+Without ``--quick`` a second table splits AdaScale's extra time in one process into its parts
+(stop-watches around the hooks, the statistics and the step; see ``breakdown``).
 """
 
 from __future__ import annotations
@@ -211,6 +214,117 @@ def measure_ddp(config: OverheadConfig, steps: int, warmup: int) -> OverheadResu
     return OverheadResult(config=config, **data)
 
 
+class _TimedAdaScale(AdaScale):
+    """AdaScale with stopwatches around its own work, for the breakdown (wall clock, seconds)."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        self.hooks_s = self.statistics_s = self.step_s = self.inner_step_s = 0.0
+        self.hook_calls_total = 0
+        super().__init__(*args, **kwargs)
+        inner_step = self.optimizer.step
+
+        def timed_inner_step(*a, **k):
+            start = time.perf_counter()
+            out = inner_step(*a, **k)
+            self.inner_step_s += time.perf_counter() - start
+            return out
+
+        self.optimizer.step = timed_inner_step
+
+    def _make_hook(self, index: int):
+        body = super()._make_hook(index)
+
+        def hook(grad: torch.Tensor) -> None:
+            start = time.perf_counter()
+            body(grad)
+            self.hooks_s += time.perf_counter() - start
+            self.hook_calls_total += 1
+
+        return hook
+
+    def _reduced_statistics(self, world_size: int) -> tuple[float, float]:
+        start = time.perf_counter()
+        out = super()._reduced_statistics(world_size)
+        self.statistics_s += time.perf_counter() - start
+        return out
+
+    def step(self, closure: None = None) -> bool:
+        start = time.perf_counter()
+        out = super().step(closure)
+        self.step_s += time.perf_counter() - start
+        return out
+
+
+@dataclass(frozen=True)
+class Breakdown:
+    """Where AdaScale's extra time goes in one process (medians per optimizer step, ms)."""
+
+    config: OverheadConfig
+    bare_ms: float
+    adascale_ms: float
+    hooks_ms: float
+    """Time inside the gradient hooks' bodies (norm of each micro-batch gradient)."""
+    hook_calls: float
+    """Hook calls per step (parameter tensors x accumulation steps)."""
+    statistics_ms: float
+    """``_reduced_statistics``: norms of the averaged gradient, the one host sync."""
+    bookkeeping_ms: float
+    """The rest of ``AdaScale.step`` outside the inner optimizer: estimators, gain, lr, tau."""
+
+    @property
+    def unexplained_ms(self) -> float:
+        """Extra time not inside AdaScale's Python code: calling the Python hooks from autograd, caches."""
+        return self.adascale_ms - self.bare_ms - self.hooks_ms - self.statistics_ms - self.bookkeeping_ms
+
+
+def breakdown(config: OverheadConfig, steps: int, warmup: int) -> Breakdown:
+    """Interleave a bare step and a stop-watched AdaScale step; split the extra time by part."""
+    if config.world_size != 1:
+        raise OverheadError("breakdown: only single-process configs (world_size 1) are broken down")
+    torch.manual_seed(0)
+    bare_net, classes, shape = build_model(config.model)
+    ada_net = copy.deepcopy(bare_net)
+    bare_opt = torch.optim.SGD(bare_net.parameters(), lr=1e-3, momentum=0.9, weight_decay=5e-4)
+    ada_opt = _TimedAdaScale(torch.optim.SGD(ada_net.parameters(), lr=1e-3, momentum=0.9, weight_decay=5e-4),
+                             accumulation_steps=config.accumulation_steps)
+    pool = _batches(config, classes, shape, 0)
+    acc = config.accumulation_steps
+    rows: dict[str, list[float]] = {k: [] for k in ("bare", "ada", "hooks", "calls", "stats", "book")}
+    for k in range(warmup + steps):
+        micro = [pool[(k * acc + i) % len(pool)] for i in range(acc)]
+        before = (ada_opt.hooks_s, ada_opt.hook_calls_total, ada_opt.statistics_s, ada_opt.step_s, ada_opt.inner_step_s)
+        order = ((bare_net, bare_opt), (ada_net, ada_opt)) if k % 2 == 0 else ((ada_net, ada_opt), (bare_net, bare_opt))
+        elapsed = {id(opt): _timed_step(net, opt, micro, ddp=False)[0] for net, opt in order}
+        if k < warmup:
+            continue
+        hooks, calls, stats, step, inner = (now - then for now, then in zip(
+            (ada_opt.hooks_s, ada_opt.hook_calls_total, ada_opt.statistics_s, ada_opt.step_s, ada_opt.inner_step_s),
+            before))
+        rows["bare"].append(elapsed[id(bare_opt)])
+        rows["ada"].append(elapsed[id(ada_opt)])
+        rows["hooks"].append(hooks)
+        rows["calls"].append(calls)
+        rows["stats"].append(stats)
+        rows["book"].append(step - inner - stats)
+    med = {k: statistics.median(v) for k, v in rows.items()}
+    return Breakdown(config=config, bare_ms=1e3 * med["bare"], adascale_ms=1e3 * med["ada"],
+                     hooks_ms=1e3 * med["hooks"], hook_calls=med["calls"], statistics_ms=1e3 * med["stats"],
+                     bookkeeping_ms=1e3 * med["book"])
+
+
+BREAKDOWN_HEADERS = ("config", "bare ms", "AdaScale ms", "extra ms", "hooks ms (calls/step)",
+                     "statistics ms", "step bookkeeping ms", "rest ms")
+
+
+def format_breakdown(rows: Sequence[Breakdown]) -> str:
+    return markdown_table(BREAKDOWN_HEADERS, [
+        (b.config.label, f"{b.bare_ms:.3f}", f"{b.adascale_ms:.3f}", f"{b.adascale_ms - b.bare_ms:.3f}",
+         f"{b.hooks_ms:.3f} ({b.hook_calls:.0f})", f"{b.statistics_ms:.3f}", f"{b.bookkeeping_ms:.3f}",
+         f"{b.unexplained_ms:.3f}")
+        for b in rows
+    ])
+
+
 def run(configs: Sequence[OverheadConfig], steps: int, warmup: int, log=print) -> list[OverheadResult]:
     single_thread()
     results = []
@@ -259,8 +373,8 @@ def format_table(results: Sequence[OverheadResult]) -> str:
 
 
 def format_report(results: Sequence[OverheadResult], steps: int, warmup: int, wall_s: float,
-                  load_before: float, load_after: float) -> str:
-    return "\n".join([
+                  load_before: float, load_after: float, breakdowns: Sequence[Breakdown] = ()) -> str:
+    lines = [
         "# AdaScale step-time overhead",
         "",
         f"Median of {steps} interleaved steps per arm after {warmup} warm-up steps; SGD momentum 0.9, "
@@ -268,7 +382,19 @@ def format_report(results: Sequence[OverheadResult], steps: int, warmup: int, wa
         f"wall time {wall_s:.0f} s; 1-minute load average {load_before:.1f} before, {load_after:.1f} after.",
         "",
         format_table(results),
-    ])
+    ]
+    if breakdowns:
+        lines += [
+            "## Where the extra time goes (one process, wall-clock medians per step)",
+            "",
+            "hooks: the gradient hooks' bodies (a norm per parameter tensor per micro-batch); statistics: "
+            "norms of the averaged gradient and the one host sync; step bookkeeping: the rest of "
+            "AdaScale.step outside the inner SGD step; rest: extra time outside AdaScale's Python code "
+            "(autograd calling the Python hooks, cache effects) and noise.",
+            "",
+            format_breakdown(breakdowns),
+        ]
+    return "\n".join(lines)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -276,6 +402,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=300, help="timed steps per arm and config")
     parser.add_argument("--warmup", type=int, default=50, help="untimed steps first")
     parser.add_argument("--quick", action="store_true", help="3 digits configs, 10 steps (a smoke run)")
+    parser.add_argument("--no-breakdown", action="store_true", help="skip the per-part breakdown")
     parser.add_argument("--out", type=Path, default=RESULTS_DIR, help="folder for overhead.md")
     args = parser.parse_args(argv)
     if args.steps < 1 or args.warmup < 0:
@@ -286,7 +413,11 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     load_before, start = os.getloadavg()[0], time.perf_counter()
     results = run(configs, steps, warmup)
-    report = format_report(results, steps, warmup, time.perf_counter() - start, load_before, os.getloadavg()[0])
+    breakdowns = [] if args.quick or args.no_breakdown else [
+        breakdown(c, steps, warmup) for c in configs if c.world_size == 1
+    ]
+    report = format_report(results, steps, warmup, time.perf_counter() - start, load_before, os.getloadavg()[0],
+                           breakdowns)
     print(report)
     path = write_text(args.out / ("overhead_quick.md" if args.quick else "overhead.md"), report)
     print(f"wrote {path}", file=sys.stderr)

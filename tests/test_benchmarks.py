@@ -142,3 +142,12 @@ def test_overhead_quick_writes_its_table(tmp_path):
 def test_overhead_rejects_unknown_model():
     with pytest.raises(overhead.OverheadError, match="model"):
         overhead.OverheadConfig("resnet", 32)
+
+
+def test_overhead_breakdown_accounts_for_the_hooks():
+    config = overhead.OverheadConfig("digits", 8, 2)
+    b = overhead.breakdown(config, steps=6, warmup=1)
+    assert b.hook_calls == 12  # 6 parameter tensors x 2 micro-batches
+    assert b.hooks_ms > 0 and b.statistics_ms > 0 and b.bookkeeping_ms >= 0
+    assert b.adascale_ms > 0 and b.bare_ms > 0
+    assert "hooks ms" in overhead.format_breakdown([b])
