@@ -56,19 +56,17 @@ READY_TIMEOUT_S = 300.0
 
 
 # ====================================================================== plain DDP arm (child processes)
-def _ddp_rank(rank: int, world: int, port: int, spec: dict[str, Any], commands: Any, results: Any) -> None:
+def _ddp_rank(rank: int, world: int, port: int, job: Any, commands: Any, results: Any) -> None:
     """One rank of the plain loop; runs blocks of steps on command ("run", n) until ("stop",)."""
     os.environ["OMP_NUM_THREADS"] = "1"
     import torch
     import torch.distributed as dist
     from torch.utils.data import default_collate
 
-    from elastic.config import parse_job_spec
     from elastic.sampler import ElasticSampler
     from elastic.task import load_task
     from elastic.worker import build_adascale
 
-    job = parse_job_spec(spec)
     torch.set_num_threads(max(1, int(job.cluster.num_cpus_per_worker)))
     torch.manual_seed(job.seed)
     task = load_task(job.task, job.task_args)
@@ -109,7 +107,7 @@ def _ddp_rank(rank: int, world: int, port: int, spec: dict[str, Any], commands: 
 class PlainDDP:
     """The plain-loop ranks, started once and driven block by block."""
 
-    def __init__(self, spec: dict[str, Any], world: int = WORLD_SIZE) -> None:
+    def __init__(self, spec: Any, world: int = WORLD_SIZE) -> None:
         import torch.multiprocessing as mp
 
         ctx = mp.get_context("spawn")
@@ -216,7 +214,8 @@ class _Probe:
     def step_like(self, micro_batches: list[list[int]]) -> dict[str, Any]:
         return {"ok": True, "worker_id": "probe", "steps_done": len(micro_batches[0]), "skipped": False,
                 "loss": 0.5, "gain": 1.5, "scale": 2.0, "efficiency": 0.75, "progress": 10.0,
-                "learning_rate": 0.01, "grad_variance": 1.0, "grad_sqnorm": 1.0, "compute_s": 0.01}
+                "learning_rate": 0.01, "grad_variance": 1.0, "grad_sqnorm": 1.0, "num_estimates": 10,
+                "compute_s": 0.01}
 
 
 def _probe_ms(count: int, batch: int) -> tuple[float, float]:

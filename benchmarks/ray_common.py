@@ -60,10 +60,10 @@ def model_spec(name: str) -> ModelSpec:
     return MODELS[name]
 
 
-def job_spec(model: str, max_workers: int = 4, checkpoint_dir: str | None = None) -> dict[str, Any]:
-    """The job spec (as the JSON dict the trainer sends to every worker) of a benchmark model."""
+def job_spec(model: str, max_workers: int = 4, checkpoint_dir: str | None = None) -> Any:
+    """The validated job spec (a ``JobSpec``, as the trainer hands it to the group) of a benchmark model."""
     m = model_spec(model)
-    spec = {
+    spec: dict[str, Any] = {
         "name": f"bench-{m.name}",
         "task": m.task,
         "task_args": dict(m.task_args),
@@ -80,10 +80,7 @@ def job_spec(model: str, max_workers: int = 4, checkpoint_dir: str | None = None
         spec["checkpoint"] = {"dir": checkpoint_dir, "every_steps": 1000000, "keep_last": 1}
     from elastic.config import parse_job_spec
 
-    parse_job_spec(spec)  # fail here, not in every worker
-    # The raw dict, not parse_job_spec(spec).model_dump(): that dump does not parse back when
-    # lr_schedule.kind is not "step" (it carries the default milestones; see the notes).
-    return spec
+    return parse_job_spec(spec)
 
 
 @contextlib.contextmanager
