@@ -6,6 +6,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from examples.classification import TensorClassificationTask
+
 
 def load_split(test_fraction: float = 0.2, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """(x_train, y_train, x_test, y_test): images scaled to [0, 1], a fixed held-out split."""
@@ -33,7 +35,7 @@ class DigitsNet(nn.Module):
         return self.head(x.flatten(1))
 
 
-class DigitsTask:
+class DigitsTask(TensorClassificationTask):
     """The quickstart task: ``task: examples.digits:DigitsTask``."""
 
     def __init__(self, width: int = 16, test_fraction: float = 0.2, split_seed: int = 0) -> None:
@@ -42,23 +44,3 @@ class DigitsTask:
 
     def build_model(self) -> nn.Module:
         return DigitsNet(self.width)
-
-    def train_dataset(self) -> torch.utils.data.Dataset:
-        return torch.utils.data.TensorDataset(self.x_train, self.y_train)
-
-    def loss(self, model: nn.Module, batch) -> torch.Tensor:
-        x, y = batch
-        return F.cross_entropy(model(x), y)
-
-    @torch.no_grad()
-    def evaluate(self, model: nn.Module) -> dict[str, float]:
-        device = next(model.parameters()).device
-        was_training = model.training
-        model.eval()
-        logits = model(self.x_test.to(device))
-        model.train(was_training)
-        y = self.y_test.to(device)
-        return {
-            "accuracy": float((logits.argmax(1) == y).float().mean()),
-            "loss": float(F.cross_entropy(logits, y)),
-        }

@@ -14,7 +14,8 @@ from __future__ import annotations
 
 import torch
 from torch import nn
-from torch.nn import functional as F
+
+from examples.classification import TensorClassificationTask
 
 
 class SyntheticTaskError(ValueError):
@@ -35,7 +36,7 @@ def make_mixture(
     return x, labels
 
 
-class SyntheticTask:
+class SyntheticTask(TensorClassificationTask):
     """Gaussian-mixture classification (train with noisy labels, held-out with clean labels).
 
     Args:
@@ -90,23 +91,3 @@ class SyntheticTask:
         if self.hidden == 0:
             return nn.Linear(self.dim, self.num_classes)
         return nn.Sequential(nn.Linear(self.dim, self.hidden), nn.ReLU(), nn.Linear(self.hidden, self.num_classes))
-
-    def train_dataset(self) -> torch.utils.data.Dataset:
-        return torch.utils.data.TensorDataset(self.x_train, self.y_train)
-
-    def loss(self, model: nn.Module, batch) -> torch.Tensor:
-        x, y = batch
-        return F.cross_entropy(model(x), y)
-
-    @torch.no_grad()
-    def evaluate(self, model: nn.Module) -> dict[str, float]:
-        device = next(model.parameters()).device
-        was_training = model.training
-        model.eval()
-        logits = model(self.x_test.to(device))
-        model.train(was_training)
-        y = self.y_test.to(device)
-        return {
-            "accuracy": float((logits.argmax(1) == y).float().mean()),
-            "loss": float(F.cross_entropy(logits, y)),
-        }

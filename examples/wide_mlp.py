@@ -13,7 +13,8 @@ from __future__ import annotations
 
 import torch
 from torch import nn
-from torch.nn import functional as F
+
+from examples.classification import TensorClassificationTask
 
 DATA_KINDS = ("digits", "synthetic")
 
@@ -42,7 +43,7 @@ def parameter_count(in_features: int = 64, hidden: int = 2240, depth: int = 3, n
     return count + width * num_classes + num_classes
 
 
-class WideMLPTask:
+class WideMLPTask(TensorClassificationTask):
     """A wide MLP classifier (see the module docstring).
 
     Args:
@@ -77,23 +78,3 @@ class WideMLPTask:
 
     def build_model(self) -> nn.Module:
         return wide_mlp(self.x_train.shape[1], self.hidden, self.depth, 10)
-
-    def train_dataset(self) -> torch.utils.data.Dataset:
-        return torch.utils.data.TensorDataset(self.x_train, self.y_train)
-
-    def loss(self, model: nn.Module, batch) -> torch.Tensor:
-        x, y = batch
-        return F.cross_entropy(model(x), y)
-
-    @torch.no_grad()
-    def evaluate(self, model: nn.Module) -> dict[str, float]:
-        device = next(model.parameters()).device
-        was_training = model.training
-        model.eval()
-        logits = model(self.x_test.to(device))
-        model.train(was_training)
-        y = self.y_test.to(device)
-        return {
-            "accuracy": float((logits.argmax(1) == y).float().mean()),
-            "loss": float(F.cross_entropy(logits, y)),
-        }
