@@ -218,11 +218,17 @@ class _Probe:
                 "compute_s": 0.01}
 
 
-def _probe_ms(count: int, batch: int) -> tuple[float, float]:
-    """(median ms of 2 parallel empty calls, median ms of 2 parallel step-sized calls) on 2 fresh probe actors."""
+def _start_probes() -> list[Any]:
+    """Two idle probe actors (no resources reserved); started early so that they warm up meanwhile."""
     import ray
 
-    probes = [ray.remote(num_cpus=0)(_Probe).remote() for _ in range(WORLD_SIZE)]
+    return [ray.remote(num_cpus=0)(_Probe).remote() for _ in range(WORLD_SIZE)]
+
+
+def _probe_ms(probes: list[Any], count: int, batch: int) -> tuple[float, float]:
+    """(median ms of 2 parallel empty calls, median ms of 2 parallel step-sized calls) on the probes."""
+    import ray
+
     try:
         ray.get([p.empty.remote() for p in probes])
         shards = [[list(range(r * batch, (r + 1) * batch))] for r in range(WORLD_SIZE)]
@@ -236,8 +242,15 @@ def _probe_ms(count: int, batch: int) -> tuple[float, float]:
             payload.append(time.perf_counter() - started)
         return 1e3 * median(empty), 1e3 * median(payload)
     finally:
-        for p in probes:
-            ray.kill(p)
+        _kill(probes)
+
+
+def _kill(actors: list[Any]) -> None:
+    import ray
+
+    for actor in actors:
+        with contextlib.suppress(Exception):
+            ray.kill(actor)
 
 
 def _plan_ms(dataset_len: int, batch: int, count: int) -> float:
@@ -263,6 +276,7 @@ def measure_model(model: str, cluster: Any, steps: int, block: int, log: Callabl
     batch = model_spec(model).batch_size_per_worker
     group = WorkerGroup(spec, cluster.worker_actor_options(), f"ovh-{model}")
     ddp = None
+    probes = _start_probes()
     try:
         group.spawn(WORLD_SIZE)
         ddp = PlainDDP(spec)  # its ranks warm up while the actors do
@@ -313,7 +327,7 @@ def measure_model(model: str, cluster: Any, steps: int, block: int, log: Callabl
             log(f"{model}: block {b + 1}/{blocks}{'' if timed else ' (warm-up)'}: group {1e3 * median(group_times[-block:] if timed else [0]):.2f} ms, "
                 f"plain DDP {1e3 * median(ddp_times[-block:] if timed else [0]):.2f} ms, "
                 f"rank-0 loss {losses['group']:.6f} vs {losses['ddp']:.6f}")
-        probe = _probe_ms(probe_calls, batch)
+        probe = _probe_ms(probes, probe_calls, batch)
         result = OverheadResult(
             model=model, steps=len(group_times), group_ms=1e3 * median(group_times), ddp_ms=1e3 * median(ddp_times),
             worker_compute_ms=1e3 * median(compute), worker_compute_fast_ms=1e3 * median(compute_fast),
@@ -323,6 +337,7 @@ def measure_model(model: str, cluster: Any, steps: int, block: int, log: Callabl
             paired_ratio=median(pairs))
         return result
     finally:
+        _kill(probes)
         group.shutdown()
         if ddp is not None:
             ddp.close()
