@@ -21,6 +21,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
+from benchmarks.common import markdown_table  # noqa: F401  (re-exported for the Ray benchmarks)
+
 #: Where the tables go unless told otherwise.
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 
@@ -149,13 +151,6 @@ def median(values: Sequence[float]) -> float:
     return statistics.median(values) if values else float("nan")
 
 
-def markdown_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
-    lines = ["| " + " | ".join(headers) + " |", "|" + "|".join("---" for _ in headers) + "|"]
-    for row in rows:
-        if len(row) != len(headers):
-            raise BenchmarkError(f"table row has {len(row)} cells, expected {len(headers)}")
-        lines.append("| " + " | ".join(str(c) for c in row) + " |")
-    return "\n".join(lines) + "\n"
 
 
 def write_result(path: str | Path, text: str) -> Path:

@@ -115,7 +115,7 @@ def test_overhead_report_flags_the_target():
 
 def test_markdown_table_refuses_ragged_rows():
     assert markdown_table(["a", "b"], [[1, 2]]).splitlines()[2] == "| 1 | 2 |"
-    with pytest.raises(BenchmarkError, match="row has 1 cells, expected 2"):
+    with pytest.raises(ValueError, match="row has 1 cells, expected 2"):
         markdown_table(["a", "b"], [[1]])
 
 
