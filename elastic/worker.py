@@ -146,7 +146,6 @@ class ElasticWorker:
         """One optimizer step over this rank's micro-batches. Never raises: failures are reported."""
         started = time.perf_counter()
         try:
-            loss_sum = 0.0
             losses = []
             for i, indices in enumerate(micro_batches):
                 batch = _to_device(default_collate([self.dataset[j] for j in indices]), self.device)
@@ -158,7 +157,7 @@ class ElasticWorker:
                 losses.append(loss.detach())
             applied = self.opt.step()
             self.opt.zero_grad()
-            loss_sum = float(torch.stack(losses).mean())
+            loss_mean = float(torch.stack(losses).mean())
         except Exception as exc:  # noqa: BLE001 - the driver decides: peer lost, or a task bug
             self.opt.zero_grad()
             return {"ok": False, "worker_id": self.worker_id, "steps_done": self.steps_done,
@@ -170,7 +169,7 @@ class ElasticWorker:
             "worker_id": self.worker_id,
             "steps_done": self.steps_done,
             "skipped": not applied,
-            "loss": loss_sum,
+            "loss": loss_mean,
             "gain": self.opt.gain,
             "scale": self.opt.scale,
             "efficiency": self.opt.efficiency,
