@@ -213,8 +213,7 @@ class WorkerGroup:
             except (RayActorError, GetTimeoutError):
                 reports.append(None)
         if all(r is not None and r["ok"] for r in reports):
-            consumed = {rank: [i for mb in plan.shard(rank) for i in mb] for rank in range(len(self.members))}
-            return StepOutcome(True, tuple(reports), consumed=consumed)  # type: ignore[arg-type]
+            return StepOutcome(True, tuple(reports), consumed=_consumed(plan))  # type: ignore[arg-type]
 
         lost = [m for m, r in zip(self.members, reports) if r is None]
         failed = [r for r in reports if r is not None and not r["ok"]]
@@ -242,7 +241,7 @@ class WorkerGroup:
                        "completed" if completed else "abandoned", len(order))
         self._reform(order, needs_state=lagging)
         results = tuple(r for _, r in survivors if r["ok"])
-        consumed = {rank: [i for mb in plan.shard(rank) for i in mb] for rank in range(len(reports))} if completed else {}
+        consumed = _consumed(plan) if completed else {}
         return StepOutcome(completed, results, tuple(m.worker_id for m in lost), time.perf_counter() - started, consumed)
 
     # ------------------------------------------------------------------------ other calls
@@ -257,6 +256,11 @@ class WorkerGroup:
         for m in self.members:
             ray.kill(m.actor, no_restart=True)
         self.members = []
+
+
+def _consumed(plan: StepPlan) -> dict[int, list[int]]:
+    """Sample indices of each rank in a step (every rank of the plan, dead ones included)."""
+    return {rank: [i for mb in plan.shard(rank) for i in mb] for rank in range(plan.world_size)}
 
 
 def _last_error_line(text: str) -> str:

@@ -201,13 +201,14 @@ class ElasticTrainer:
         with self._lock:
             return self._target
 
-    def report(self) -> dict[str, Any]:
-        """What a driver pod publishes in its ElasticJob's status.trainer (controller.operator_link)."""
+    def _observation(self) -> dict[str, Any]:
+        """The trainer's view for the controller or the operator: one consistent read under the lock."""
         with self._lock:
             last = dict(self._last)
             times = {ws: statistics.median(d) for ws, d in self._step_times.items() if d}
             released = tuple(self._released)
             target = self._target
+        # The estimates are of scale-1 quantities: still valid after shrinking to one worker.
         estimated = bool(last.get("num_estimates"))
         return {"workers": self.current_workers(), "target_workers": target,
                 "progress": float(last.get("progress", 0.0)), "gain": float(last.get("gain", 1.0)),
@@ -215,25 +216,26 @@ class ElasticTrainer:
                 "grad_sqnorm": last.get("grad_sqnorm") if estimated else None,
                 "step_time_s": times, "released_pods": released}
 
+    def report(self) -> dict[str, Any]:
+        """What a driver pod publishes in its ElasticJob's status.trainer (controller.operator_link)."""
+        return self._observation()
+
     def snapshot(self):
         from controller.policy import JobSnapshot
 
-        with self._lock:
-            times = {ws: statistics.median(d) for ws, d in self._step_times.items() if d}
-            last = dict(self._last)
+        seen = self._observation()
         return JobSnapshot(
             now_s=time.monotonic(),
-            current_workers=self.current_workers(),
+            current_workers=seen["workers"],
             min_workers=self.spec.workers.min,
             max_workers=self.spec.workers.max,
             capacity_workers=self.backend.actuator.capacity_workers(),
-            progress=last.get("progress", 0.0),
+            progress=seen["progress"],
             total_progress=self.spec.total_progress,
-            # The estimates are of scale-1 quantities: still valid after shrinking to one worker.
-            grad_variance=last.get("grad_variance") if last.get("num_estimates") else None,
-            grad_sqnorm=last.get("grad_sqnorm") if last.get("num_estimates") else None,
+            grad_variance=seen["grad_variance"],
+            grad_sqnorm=seen["grad_sqnorm"],
             accumulation_steps=self.spec.accumulation_steps,
-            step_time_s_by_workers=times,
+            step_time_s_by_workers=seen["step_time_s"],
             last_resize_s=self._last_resize_s,
             elapsed_s=time.monotonic() - self._started_s,
         )
