@@ -15,6 +15,14 @@ from elastic.task import load_task
 from examples.synthetic import SyntheticTask, SyntheticTaskError
 
 
+@pytest.fixture(autouse=True)
+def _restore_torch_threads():
+    """The benchmarks pin torch to one thread; give the rest of the session its threads back."""
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
+
+
 def _table_rows(text: str) -> list[list[str]]:
     """The data rows of the markdown table in ``text`` (header and separator dropped)."""
     lines = [line for line in text.splitlines() if line.startswith("|")]
@@ -41,7 +49,7 @@ def test_synthetic_task_trains_past_linear_and_chance():
     opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
     data = task.train_dataset()
     gen = torch.Generator().manual_seed(0)
-    for _ in range(300):
+    for _ in range(200):
         idx = torch.randint(0, len(data), (32,), generator=gen)
         opt.zero_grad()
         task.loss(model, data[idx]).backward()
