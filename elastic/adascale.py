@@ -113,7 +113,7 @@ class AdaScale:
         # Per-step accumulators, filled by the gradient hooks.
         self._params = [p for g in optimizer.param_groups for p in g["params"] if p.requires_grad]
         self._hook_calls = [0] * len(self._params)
-        self._micro_sqnorm: torch.Tensor | None = None  # sum_i ||g_i / accumulation_steps||^2 (local)
+        self._micro_norms: list[torch.Tensor] = []  # ||g_i / accumulation_steps|| per tensor and pass (local)
         self._collect: bool | None = None  # whether this step's hooks collect norms (num_grads > 1)
         self._handles = [p.register_hook(self._make_hook(i)) for i, p in enumerate(self._params)]
 
@@ -294,11 +294,8 @@ class AdaScale:
                 self._collect = self._num_grads_per_step() > 1
             if not self._collect:
                 return  # one gradient per step: nothing to estimate (NaNs are still caught in g_bar)
-            sq = torch.linalg.vector_norm(grad.detach(), dtype=torch.float32).square()
-            if self._micro_sqnorm is None:
-                self._micro_sqnorm = sq
-            else:
-                self._micro_sqnorm = self._micro_sqnorm + sq.to(self._micro_sqnorm.device)
+            # One norm per call, nothing else: squaring and summing happen once per step, in step().
+            self._micro_norms.append(torch.linalg.vector_norm(grad.detach(), dtype=torch.float32))
 
         return hook
 
@@ -308,10 +305,11 @@ class AdaScale:
         if not grads:
             raise AdaScaleError("step(): no parameter has a gradient; did the loss depend on the model?")
         device = grads[0].device
-        mean_sq = torch.stack([n.to(device, torch.float32) for n in torch._foreach_norm(grads)]).square().sum()
-        micro = self._micro_sqnorm if self._micro_sqnorm is not None else torch.zeros((), device=device)
+        mean_sq = _stacked(torch._foreach_norm(grads), device).square().sum()
+        micro = _stacked(self._micro_norms, device).square().sum() if self._micro_norms \
+            else torch.zeros((), device=device)
         # The hooks saw g_i / accumulation_steps: undo that scaling.
-        stats = torch.stack([micro.to(device) * float(self.accumulation_steps**2), mean_sq])
+        stats = torch.stack([micro * float(self.accumulation_steps**2), mean_sq])
         if world_size > 1:
             # Every rank holds the same g_bar after DDP; averaging its norm anyway keeps the gain
             # bit-identical on every rank, and the NaN check rides on the same all-reduce.
@@ -329,7 +327,7 @@ class AdaScale:
 
     def _reset_accumulators(self) -> None:
         self._hook_calls = [0] * len(self._params)
-        self._micro_sqnorm = None
+        self._micro_norms = []
         self._collect = None
 
     def _group(self) -> Any:
@@ -344,6 +342,12 @@ class AdaScale:
 
     def _num_grads_per_step(self) -> int:
         return self._world_size() * self.accumulation_steps
+
+
+def _stacked(norms: list[torch.Tensor] | tuple[torch.Tensor, ...], device: torch.device) -> torch.Tensor:
+    """Stack scalar norms as float32 on ``device``, converting only the ones that need it."""
+    return torch.stack([n if n.device == device and n.dtype == torch.float32 else n.to(device, torch.float32)
+                        for n in norms])
 
 
 def gain_ratio(grad_variance: float, grad_sqnorm: float, scale: float) -> float:
