@@ -10,7 +10,8 @@ waits for) and of the process CPU time (``time.process_time``: all threads of th
 a shared machine is far less disturbed by other processes than the wall clock; under DDP it leaves
 out time spent blocked in communication). The load average is written next to the table.
 
-    python -m benchmarks.overhead [--steps 300] [--warmup 50] [--quick] [--no-breakdown] [--out DIR]
+    python -m benchmarks.overhead [--steps 300] [--warmup 50] [--quick] [--no-breakdown]
+                                  [--models digits ...] [--out DIR]
 
 Without ``--quick`` a second table splits AdaScale's extra time in one process into its parts
 (stop-watches around the hooks, the statistics and the step; see ``breakdown``).
@@ -152,10 +153,10 @@ def measure(config: OverheadConfig, steps: int, warmup: int, rank: int = 0) -> O
     def sgd(module: nn.Module) -> torch.optim.SGD:
         return torch.optim.SGD(module.parameters(), lr=1e-3, momentum=0.9, weight_decay=5e-4)
 
-    arms = {
-        "bare": (bare_model, sgd(bare_net)),
-        "adascale": (ada_model, AdaScale(sgd(ada_net), accumulation_steps=config.accumulation_steps)),
-    }
+    ada_opt = AdaScale(sgd(ada_net), accumulation_steps=config.accumulation_steps)
+    if ddp:  # the statistics ride on DDP's gradient all-reduce, as in the worker group
+        ada_opt.attach_ddp(ada_model)
+    arms = {"bare": (bare_model, sgd(bare_net)), "adascale": (ada_model, ada_opt)}
     pool = _batches(config, classes, shape, rank)
     acc = config.accumulation_steps
     times: dict[str, list[tuple[float, float]]] = {"bare": [], "adascale": []}
@@ -403,6 +404,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--warmup", type=int, default=50, help="untimed steps first")
     parser.add_argument("--quick", action="store_true", help="3 digits configs, 10 steps (a smoke run)")
     parser.add_argument("--no-breakdown", action="store_true", help="skip the per-part breakdown")
+    parser.add_argument("--models", nargs="+", choices=MODELS, default=list(MODELS),
+                        help="only the rows of these models (default: all)")
     parser.add_argument("--out", type=Path, default=RESULTS_DIR, help="folder for overhead.md")
     args = parser.parse_args(argv)
     if args.steps < 1 or args.warmup < 0:
@@ -410,6 +413,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     configs, steps, warmup = DEFAULT_CONFIGS, args.steps, args.warmup
     if args.quick:
         configs, steps, warmup = QUICK_CONFIGS, min(steps, 10), min(warmup, 2)
+    configs = tuple(c for c in configs if c.model in args.models)
 
     load_before, start = os.getloadavg()[0], time.perf_counter()
     results = run(configs, steps, warmup)

@@ -39,6 +39,13 @@ Conventions chosen here:
   as AdaScale's linear rule is derived for SGD.
 - Non-finite gradients skip the step on every rank (the check is part of the one all-reduce),
   leave the estimates, tau and the inner optimizer untouched, and are counted in ``skipped_steps``.
+
+Cost (``benchmarks/overhead.py`` measures it): a gradient hook per parameter tensor per backward
+pass. Small gradients are only kept (a reference) and normed all together once per step, one op for
+every small tensor of every pass; large ones are normed in the hook, where the memory traffic of the
+norm dwarfs the call. Under DDP, ``attach_ddp(model)`` folds the local sum of squared norms into
+DDP's own all-reduce of its last gradient bucket (a DDP communication hook), so a step adds no
+collective at all; without it, ``step()`` runs one all-reduce of two floats.
 """
 
 from __future__ import annotations
@@ -55,6 +62,14 @@ LrSchedule = Callable[[float], float]
 MIN_VARIANCE = 1e-6
 
 _SQRT_GAIN_OPTIMIZERS = (torch.optim.Adam, torch.optim.AdamW)
+
+#: Gradients with at most this many elements are normed together at the end of the step (one op
+#: for all of them) instead of one op each in the hook; above it the norm's memory traffic dominates.
+SMALL_GRAD_NUMEL = 1 << 15
+
+#: A last DDP bucket up to this many elements carries the statistics inside its own all-reduce
+#: (one copy of the bucket); a larger one gets a second, asynchronous all-reduce of one float.
+PIGGYBACK_MAX_NUMEL = 1 << 18
 
 
 class AdaScaleError(RuntimeError):
@@ -114,7 +129,19 @@ class AdaScale:
         self._params = [p for g in optimizer.param_groups for p in g["params"] if p.requires_grad]
         self._hook_calls = [0] * len(self._params)
         self._micro_norms: list[torch.Tensor] = []  # ||g_i / accumulation_steps|| per tensor and pass (local)
-        self._collect: bool | None = None  # whether this step's hooks collect norms (num_grads > 1)
+        self._held: list[torch.Tensor] = []  # small g_i / accumulation_steps, normed together later
+        self._delivered: list[torch.Tensor] = []  # micro sums already averaged over ranks by DDP's hook
+        self._bucket_sq: list[torch.Tensor] = []  # "buckets" mode: ||local bucket||^2 per bucket, this pass
+        self._bucket_mean_sq: list[torch.Tensor] = []  # "buckets" mode: ||averaged bucket||^2 per bucket
+        self._ddp_group: Any = None  # set by attach_ddp
+        self._ddp_world_size = 1
+        self._ddp_covers_params = False  # the attached DDP model holds exactly this optimizer's params
+        # How this step gathers its statistics, decided at its first hook: "off" (one gradient per
+        # step: nothing to estimate), "hooks" (tensor hooks norm every micro-batch gradient) or
+        # "buckets" (DDP, one backward pass per step: each bucket's local gradients are normed in
+        # one op inside the comm hook, and the averaged ones after the all-reduce).
+        self._mode: str | None = None
+        self._step_world_size = 0  # world size read at this step's first hook (0: not yet)
         self._handles = [p.register_hook(self._make_hook(i)) for i, p in enumerate(self._params)]
 
     # ----------------------------------------------------------------- public read-only state
@@ -194,6 +221,24 @@ class AdaScale:
         self.optimizer.zero_grad(set_to_none=set_to_none)
         self._reset_accumulators()
 
+    def attach_ddp(self, model: torch.nn.Module) -> None:
+        """Carry the statistics inside ``model``'s own gradient all-reduce (a DDP comm hook).
+
+        ``model`` is the ``DistributedDataParallel`` wrapper around the parameters this optimizer
+        updates. Afterwards a step needs no all-reduce of its own: the local sum of squared
+        micro-batch norms rides along with the last gradient bucket. DDP takes one comm hook per
+        model, so this fails on a model that already has one.
+        """
+        if not isinstance(model, torch.nn.parallel.DistributedDataParallel):
+            raise AdaScaleError(f"attach_ddp: expected a DistributedDataParallel model, got {type(model).__name__}")
+        try:
+            model.register_comm_hook(None, self._comm_hook)
+        except (RuntimeError, ValueError) as exc:  # e.g. the model already has a comm hook
+            raise AdaScaleError(f"attach_ddp: {str(exc).splitlines()[0]}") from None
+        self._ddp_group = model.process_group
+        self._ddp_world_size = dist.get_world_size(model.process_group)  # fixed for the group's life
+        self._ddp_covers_params = {id(p) for p in model.parameters() if p.requires_grad} == {id(p) for p in self._params}
+
     def remove_hooks(self) -> None:
         for handle in self._handles:
             handle.remove()
@@ -211,9 +256,9 @@ class AdaScale:
                 f"accumulation_steps={self.accumulation_steps} but {backward_passes} backward passes ran "
                 "since the last step; run exactly accumulation_steps backward passes per step"
             )
-        world_size = self._world_size()
+        world_size = self._step_world_size or self._world_size()
         num_grads = world_size * self.accumulation_steps
-        scale = self.scale
+        scale = self._fixed_scale if self._fixed_scale is not None else float(num_grads)
         micro_sqnorm_sum, mean_sqnorm = self._reduced_statistics(world_size)
         self._reset_accumulators()
 
@@ -290,33 +335,133 @@ class AdaScale:
         # only fires after accumulation: the local, un-averaged micro-batch gradient is what we read.
         def hook(grad: torch.Tensor) -> None:
             self._hook_calls[index] += 1
-            if self._collect is None:  # decided once per step, at its first hook
-                self._collect = self._num_grads_per_step() > 1
-            if not self._collect:
-                return  # one gradient per step: nothing to estimate (NaNs are still caught in g_bar)
-            # One norm per call, nothing else: squaring and summing happen once per step, in step().
-            self._micro_norms.append(torch.linalg.vector_norm(grad.detach(), dtype=torch.float32))
+            if self._mode is None:  # decided once per step, at its first hook
+                self._mode = self._collection_mode()
+            if self._mode != "hooks":
+                return
+            if grad.numel() <= SMALL_GRAD_NUMEL:
+                # Keep it; it is normed with all the others in one op. Holding this very tensor
+                # (not a detached alias, which AccumulateGrad cannot see) makes AccumulateGrad copy
+                # it into .grad instead of adopting it, so later passes, which add into .grad in
+                # place, never write to it.
+                self._held.append(grad)
+            else:
+                # One norm per call, nothing else: squaring and summing happen once per step.
+                self._micro_norms.append(torch.linalg.vector_norm(grad.detach(), dtype=torch.float32))
 
         return hook
 
+    def _collection_mode(self) -> str:
+        self._step_world_size = self._world_size()  # read once per step (a Python call into c10d)
+        if self._step_world_size * self.accumulation_steps <= 1:
+            return "off"  # nothing to estimate (NaNs are still caught in g_bar)
+        if self._ddp_group is not None and self._ddp_covers_params and self.accumulation_steps == 1:
+            return "buckets"
+        return "hooks"
+
+    def _take_local_norms(self) -> list[torch.Tensor]:
+        """The micro-batch norms gathered since the last call (the held small gradients normed now)."""
+        norms = self._micro_norms
+        if self._held:
+            by_kind: dict[tuple[torch.device, torch.dtype], list[torch.Tensor]] = {}
+            for g in self._held:
+                by_kind.setdefault((g.device, g.dtype), []).append(g)
+            with torch.no_grad():
+                for group in by_kind.values():
+                    norms.extend(torch._foreach_norm(group))
+        self._micro_norms, self._held = [], []
+        return norms
+
+    def _comm_hook(self, _state, bucket):  # no annotations: DDP compares them with its own objects
+        """DDP comm hook: average the bucket as DDP does; the last bucket also carries our statistics.
+
+        ``bucket`` is a ``dist.GradBucket``; returns a ``Future`` of the averaged bucket (for the
+        last bucket, one element longer: DDP reads each gradient's slice and ignores the tail)."""
+        group = self._ddp_group
+        world_size = self._ddp_world_size
+        buffer = bucket.buffer()
+        mode = self._mode
+        local: torch.Tensor | None = None
+        if mode == "buckets":
+            self._bucket_sq.append(_sqnorm(buffer))  # this rank's gradient: one of the S samples
+            if bucket.is_last():
+                local = torch.stack(self._bucket_sq).sum() if len(self._bucket_sq) > 1 else self._bucket_sq[0]
+                self._bucket_sq = []
+        elif mode == "hooks" and bucket.is_last():
+            norms = self._take_local_norms()
+            if norms:
+                stacked = _stacked(norms, buffer.device)
+                local = torch.dot(stacked, stacked)
+        numel = buffer.numel()
+        mean_sq = self._bucket_mean_sq if mode == "buckets" else None
+
+        def averaged(out: torch.Tensor) -> torch.Tensor:
+            if mean_sq is not None:  # ||g_bar||^2 of this bucket's parameters
+                mean_sq.append(_sqnorm(out[:numel]))
+            return out
+
+        if local is None:
+            buffer.div_(world_size)
+            return _all_reduce(buffer, group).then(lambda fut: averaged(fut.value()[0]))
+        local = local.reshape(1)
+        if numel <= PIGGYBACK_MAX_NUMEL and buffer.dtype == torch.float32:
+            packed = torch.cat([buffer, local]).div_(world_size)
+
+            def unpack(fut: torch.futures.Future) -> torch.Tensor:
+                out = fut.value()[0]
+                self._delivered.append(out[numel])
+                return averaged(out)
+
+            return _all_reduce(packed, group).then(unpack)
+        # A large (or low-precision) bucket: a second all-reduce of one float, queued right behind it.
+        buffer.div_(world_size)
+        local = local.to(torch.float32).div_(world_size)
+        both = torch.futures.collect_all([_all_reduce(buffer, group), _all_reduce(local, group)])
+
+        def done(fut: torch.futures.Future) -> torch.Tensor:
+            grads, stat = (f.value()[0] for f in fut.value())
+            self._delivered.append(stat[0])
+            return averaged(grads)
+
+        return both.then(done)
+
     def _reduced_statistics(self, world_size: int) -> tuple[float, float]:
-        """(sum_i ||g_i||^2 over all S gradients, ||g_bar||^2): one all-reduce, one host sync."""
+        """(sum_i ||g_i||^2 over all S gradients, ||g_bar||^2): at most one all-reduce, one host sync."""
+        acc2 = float(self.accumulation_steps**2)  # the hooks saw g_i / accumulation_steps
+        if self._mode == "buckets":
+            # Everything came with DDP's all-reduce: the local sums (averaged over ranks) and the
+            # squared norms of the averaged buckets.
+            if not self._delivered or not self._bucket_mean_sq:
+                raise AdaScaleError("step(): DDP did not all-reduce the gradients of this step "
+                                    "(was the backward pass run under no_sync?)")
+            values = torch.stack([*self._delivered, *self._bucket_mean_sq]).tolist()
+            split = len(self._delivered)
+            return world_size * sum(values[:split]) * acc2, sum(values[split:])
         grads = [p.grad.detach() for p in self._params if p.grad is not None]
         if not grads:
             raise AdaScaleError("step(): no parameter has a gradient; did the loss depend on the model?")
         device = grads[0].device
-        mean_sq = _stacked(torch._foreach_norm(grads), device).square().sum()
-        micro = _stacked(self._micro_norms, device).square().sum() if self._micro_norms \
-            else torch.zeros((), device=device)
-        # The hooks saw g_i / accumulation_steps: undo that scaling.
-        stats = torch.stack([micro * float(self.accumulation_steps**2), mean_sq])
-        if world_size > 1:
-            # Every rank holds the same g_bar after DDP; averaging its norm anyway keeps the gain
-            # bit-identical on every rank, and the NaN check rides on the same all-reduce.
+        mean_norms = list(torch._foreach_norm(grads))
+        local = self._take_local_norms()  # norms no comm hook has carried across ranks yet
+        delivered = self._delivered  # local sums averaged over ranks by the comm hook
+        if world_size > 1 and local:
+            # No comm hook carried them: one all-reduce of [micro sum, ||g_bar||^2]. Every rank holds
+            # the same g_bar after DDP; averaging its norm anyway keeps the gain bit-identical on
+            # every rank, and the NaN check rides on the same all-reduce.
+            micro = _stacked(local, device).square().sum()
+            if delivered:  # already averaged over ranks: summed over ranks below, they count once
+                micro = micro + _stacked(delivered, device).sum()
+            stats = torch.stack([micro, _stacked(mean_norms, device).square().sum()])
             dist.all_reduce(stats, group=self._group())
-            stats[1] = stats[1] / world_size
-        micro_sum, mean_sqnorm = stats.tolist()
-        return float(micro_sum), float(mean_sqnorm)
+            micro_sum, mean_sqnorm = stats.tolist()
+            return float(micro_sum) * acc2, float(mean_sqnorm) / world_size
+        # One process, or every micro norm already summed across ranks by the comm hook (g_bar is
+        # the all-reduced average, identical on every rank): one stack and one host sync.
+        values = _stacked([*local, *delivered, *mean_norms], device).tolist()
+        split = len(local) + len(delivered)
+        micro_sum = sum(v * v for v in values[:len(local)]) + world_size * sum(values[len(local):split])
+        mean_sqnorm = sum(v * v for v in values[split:])
+        return micro_sum * acc2, mean_sqnorm
 
     def _fold_estimate(self, sigma2_hat: float, mu2_hat: float, scale: float) -> None:
         theta = self.smoothing if self.smoothing is not None else max(1.0 - scale / 1000.0, 0.0)
@@ -328,7 +473,12 @@ class AdaScale:
     def _reset_accumulators(self) -> None:
         self._hook_calls = [0] * len(self._params)
         self._micro_norms = []
-        self._collect = None
+        self._held = []
+        self._delivered = []
+        self._bucket_sq = []
+        self._bucket_mean_sq = []
+        self._mode = None
+        self._step_world_size = 0
 
     def _group(self) -> Any:
         return self.process_group if self.process_group is not None else dist.group.WORLD
@@ -345,9 +495,29 @@ class AdaScale:
 
 
 def _stacked(norms: list[torch.Tensor] | tuple[torch.Tensor, ...], device: torch.device) -> torch.Tensor:
-    """Stack scalar norms as float32 on ``device``, converting only the ones that need it."""
-    return torch.stack([n if n.device == device and n.dtype == torch.float32 else n.to(device, torch.float32)
-                        for n in norms])
+    """Stack scalar norms as float32 on ``device`` (one op when they already agree, as they do)."""
+    try:
+        return torch.stack(list(norms)).to(device, torch.float32)
+    except RuntimeError:  # tensors on several devices (a model split across them)
+        return torch.stack([n.to(device, torch.float32) for n in norms])
+
+
+def _all_reduce(tensor: torch.Tensor, group: Any) -> torch.futures.Future:
+    """Asynchronous in-place sum over ``group``; the future's value is ``[tensor]``.
+
+    Calls the process group directly: ``dist.all_reduce``'s Python checks cost about as much as
+    the enqueue itself (~80 us each, measured in a comm hook on the digits CNN)."""
+    try:
+        return group.allreduce([tensor]).get_future()
+    except (AttributeError, TypeError):  # a group object without the method: the public call
+        return dist.all_reduce(tensor, group=group, async_op=True).get_future()
+
+
+def _sqnorm(flat: torch.Tensor) -> torch.Tensor:
+    """||flat||^2 of a 1-D tensor, in one op (float32 or wider; low precision is widened first)."""
+    if flat.dtype in (torch.float32, torch.float64):
+        return torch.dot(flat, flat)
+    return torch.linalg.vector_norm(flat, dtype=torch.float32).square()
 
 
 def gain_ratio(grad_variance: float, grad_sqnorm: float, scale: float) -> float:

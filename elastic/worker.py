@@ -112,6 +112,8 @@ class ElasticWorker:
         # DDP broadcasts rank 0's parameters and buffers while it is built: one more guarantee
         # that every replica starts the new group identical.
         self.ddp = torch.nn.parallel.DistributedDataParallel(self.model) if world_size > 1 else self.model
+        if world_size > 1:  # AdaScale's statistics ride on DDP's gradient all-reduce
+            self.opt.attach_ddp(self.ddp)
         self.rank, self.world_size = rank, world_size
         if self.spec.adascale.enabled:
             self.opt.set_scale(world_size * self.spec.accumulation_steps)

@@ -38,14 +38,18 @@ def make_model(dim: int = 6) -> torch.nn.Module:
     return torch.nn.Sequential(torch.nn.Linear(dim, 8), torch.nn.Tanh(), torch.nn.Linear(8, 1))
 
 
-def run_steps(model, opt, ddp_model, micro_for_rank, steps: int, accumulation: int, nan_at_step: int | None = None):
-    """Runs `steps` AdaScale steps; returns [(gain, progress, sigma2, mu2, skipped)] per step."""
+def run_steps(model, opt, ddp_model, micro_for_rank, steps: int, accumulation: int, nan_at_step: int | None = None,
+              no_sync: bool = True):
+    """Runs `steps` AdaScale steps; returns [(gain, progress, sigma2, mu2, skipped)] per step.
+
+    ``no_sync=False`` lets DDP all-reduce after every backward pass instead of the last one only."""
     history = []
     for step in range(steps):
         micro = micro_for_rank(step)
         for i, (x, y) in enumerate(micro):
             last = i == len(micro) - 1
-            ctx = ddp_model.no_sync() if (hasattr(ddp_model, "no_sync") and not last) else contextlib.nullcontext()
+            skip_sync = no_sync and hasattr(ddp_model, "no_sync") and not last
+            ctx = ddp_model.no_sync() if skip_sync else contextlib.nullcontext()
             with ctx:
                 out = ddp_model(x).squeeze(-1)
                 loss = torch.nn.functional.mse_loss(out, y)
@@ -58,22 +62,32 @@ def run_steps(model, opt, ddp_model, micro_for_rank, steps: int, accumulation: i
     return history
 
 
-def ddp_worker(rank: int, world_size: int, port: int, accumulation: int, steps: int, nan_rank: int | None, nan_step: int | None, out_dir: str) -> None:
+def ddp_worker(rank: int, world_size: int, port: int, accumulation: int, steps: int, nan_rank: int | None,
+               nan_step: int | None, out_dir: str, attach: bool = False, no_sync: bool = True,
+               piggyback_max: int | None = None) -> None:
+    """One DDP rank. ``attach``: the statistics ride on DDP's all-reduce (AdaScale.attach_ddp);
+    ``piggyback_max`` overrides adascale.PIGGYBACK_MAX_NUMEL (0: the separate one-float path)."""
+    from elastic import adascale
     from elastic.adascale import AdaScale
 
+    if piggyback_max is not None:
+        adascale.PIGGYBACK_MAX_NUMEL = piggyback_max
     torch.set_num_threads(1)
     init_gloo(rank, world_size, port)
     try:
         model = make_model()
         ddp = torch.nn.parallel.DistributedDataParallel(model)
         opt = AdaScale(torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9), accumulation_steps=accumulation)
+        if attach:
+            opt.attach_ddp(ddp)
         total = world_size * accumulation
 
         def mine(step):
             allb = micro_batches(step, total)
             return allb[rank * accumulation:(rank + 1) * accumulation]
 
-        hist = run_steps(model, opt, ddp, mine, steps, accumulation, nan_at_step=nan_step if rank == nan_rank else None)
+        hist = run_steps(model, opt, ddp, mine, steps, accumulation, nan_at_step=nan_step if rank == nan_rank else None,
+                         no_sync=no_sync)
         torch.save({"history": hist, "params": [p.detach().clone() for p in model.parameters()]},
                    os.path.join(out_dir, f"rank{rank}.pt"))
     finally:

@@ -240,18 +240,31 @@ def test_misuse_raises_typed_errors():
         opt.load_state_dict({"state": {}})
 
 
-def _run_ddp(world_size: int, accumulation: int, steps: int, tmp_path, nan_rank=None, nan_step=None):
+def _run_ddp(world_size: int, accumulation: int, steps: int, tmp_path, nan_rank=None, nan_step=None, **options):
     port = dh.free_port()
-    mp.spawn(dh.ddp_worker, args=(world_size, port, accumulation, steps, nan_rank, nan_step, str(tmp_path)),
+    mp.spawn(dh.ddp_worker, args=(world_size, port, accumulation, steps, nan_rank, nan_step, str(tmp_path),
+                                  options.get("attach", False), options.get("no_sync", True),
+                                  options.get("piggyback_max")),
              nprocs=world_size, join=True)
     return [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(world_size)]
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("world_size, accumulation", [(2, 1), (2, 2), (4, 1)])
-def test_ddp_gain_equals_single_process_accumulation(world_size, accumulation, tmp_path):
+@pytest.mark.parametrize("world_size, accumulation, options", [
+    (2, 1, {}),
+    (2, 2, {}),
+    (4, 1, {}),
+    # The statistics ride on DDP's own all-reduce (AdaScale.attach_ddp): packed into the last bucket,
+    # ...with DDP reducing after every backward pass (no no_sync), and as a separate one-float reduce.
+    (4, 1, {"attach": True}),
+    (2, 2, {"attach": True}),
+    (2, 2, {"attach": True, "no_sync": False}),
+    (2, 1, {"attach": True, "piggyback_max": 0}),
+], ids=["2x1", "2x2", "4x1", "4x1-attached", "2x2-attached", "2x2-attached-sync-each-pass",
+        "2x1-attached-separate-reduce"])
+def test_ddp_gain_equals_single_process_accumulation(world_size, accumulation, options, tmp_path):
     steps = 4
-    results = _run_ddp(world_size, accumulation, steps, tmp_path, nan_rank=world_size - 1, nan_step=2)
+    results = _run_ddp(world_size, accumulation, steps, tmp_path, nan_rank=world_size - 1, nan_step=2, **options)
     # Every rank computes the same gains, and the NaN injected on the last rank skipped step 2 everywhere.
     for other in results[1:]:
         assert other["history"] == results[0]["history"]
@@ -268,3 +281,48 @@ def test_ddp_gain_equals_single_process_accumulation(world_size, accumulation, t
     for p_dist, p_single in zip(results[0]["params"], model.parameters()):
         assert torch.allclose(p_dist, p_single.detach(), atol=1e-5)
     assert single[-1][0] > 1.0  # the test is not vacuous: the gain moved away from 1
+
+
+def test_attach_ddp_carries_statistics_in_ddp_all_reduce(tmp_path, monkeypatch):
+    """One-process gloo group: with attach_ddp, step() runs no all-reduce of its own and gets the
+    same gains as without; misuse is a typed error."""
+    import torch.distributed as dist
+
+    from elastic import adascale as adascale_module
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        with pytest.raises(AdaScaleError, match="DistributedDataParallel"):
+            AdaScale(torch.optim.SGD(dh.make_model().parameters(), lr=0.1)).attach_ddp(dh.make_model())
+        gains = {}
+        for attach in (False, True):
+            model = dh.make_model()
+            ddp = torch.nn.parallel.DistributedDataParallel(model)
+            opt = AdaScale(torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9), accumulation_steps=2)
+            if attach:
+                opt.attach_ddp(ddp)
+                with pytest.raises(AdaScaleError, match="attach_ddp"):
+                    opt.attach_ddp(ddp)  # DDP takes one comm hook
+            calls = {"step": 0, "comm hook": 0}
+            real, real_async = adascale_module.dist.all_reduce, adascale_module._all_reduce
+
+            def counted(key, fn):
+                def call(*a, **k):
+                    calls[key] += 1
+                    return fn(*a, **k)
+                return call
+
+            monkeypatch.setattr(adascale_module.dist, "all_reduce", counted("step", real))
+            monkeypatch.setattr(adascale_module, "_all_reduce", counted("comm hook", real_async))
+            history = dh.run_steps(model, opt, ddp, lambda s: dh.micro_batches(s, 2), 3, 2)
+            monkeypatch.setattr(adascale_module.dist, "all_reduce", real)
+            monkeypatch.setattr(adascale_module, "_all_reduce", real_async)
+            gains[attach] = [row[0] for row in history]
+            if attach:  # the statistics rode on DDP's own reduction: step() ran none of its own
+                assert calls == {"step": 0, "comm hook": 3}
+            else:  # one rank and no comm hook: nothing to reduce
+                assert calls == {"step": 0, "comm hook": 0}
+        assert gains[True] == pytest.approx(gains[False], rel=1e-6)  # float32 sums in a different order
+        assert gains[True][-1] > 1.0
+    finally:
+        dist.destroy_process_group()
