@@ -162,9 +162,11 @@ def _free_port() -> int:
 @dataclass(frozen=True)
 class OverheadResult:
     model: str
+    steps_per_call: int
+    """Steps per actor call in the group arm."""
     steps: int
     group_ms: float
-    """Median driver-side step time of the group (plan + run_step + commit)."""
+    """Median driver-side step time of the group (plan + run_steps + commit, per step)."""
     ddp_ms: float
     """Median step time of the plain loop (rank 0)."""
     worker_compute_ms: float
@@ -269,11 +271,14 @@ def _plan_ms(dataset_len: int, batch: int, count: int) -> float:
 
 
 def measure_model(model: str, cluster: Any, steps: int, block: int, log: Callable[[str], None] = print,
-                  probe_calls: int = 200) -> OverheadResult:
+                  probe_calls: int = 200, steps_per_call: int = 1) -> OverheadResult:
+    """Both arms for one model; the group arm hands its workers ``steps_per_call`` steps per call
+    (as ``workers.steps_per_call`` does in the trainer), in blocks of a multiple of it."""
     from elastic.group import WorkerGroup
 
     spec = job_spec(model, max_workers=WORLD_SIZE)
     batch = model_spec(model).batch_size_per_worker
+    block = steps_per_call * max(1, round(block / steps_per_call))
     group = WorkerGroup(spec, cluster.worker_actor_options(), f"ovh-{model}")
     ddp = None
     probes = _start_probes()
@@ -301,18 +306,26 @@ def measure_model(model: str, cluster: Any, steps: int, block: int, log: Callabl
                     before = len(driver.compute_s)
                     times = []
                     last: Any = None
-                    for _ in range(block):
+                    done = 0
+                    while done < block:
+                        count = min(steps_per_call, block - done)
                         world = group.size
                         started = time.perf_counter()
-                        plan = driver.sampler.plan(world * batch, world, 1)
-                        last = group.run_step(plan)
-                        if not last.completed:
-                            raise BenchmarkError(f"a group step did not complete (lost {last.lost_workers})")
-                        driver.sampler.commit(plan)
-                        times.append(time.perf_counter() - started)
-                        driver.compute_s.append(max(r["compute_s"] for r in last.results))
-                        if timed:
-                            compute_fast.append(min(r["compute_s"] for r in last.results))
+                        plans: list[Any] = []
+                        for _ in range(count):
+                            plans.append(driver.sampler.plan(world * batch, world, 1, after=plans[-1] if plans else None))
+                        outcomes = group.run_steps(plans)
+                        if len(outcomes) < count or not all(o.completed for o in outcomes):
+                            raise BenchmarkError(f"a group step did not complete (lost {outcomes[-1].lost_workers})")
+                        for plan in plans:
+                            driver.sampler.commit(plan)
+                        elapsed = time.perf_counter() - started
+                        times += [elapsed / count] * count
+                        for last in outcomes:
+                            driver.compute_s.append(max(r["compute_s"] for r in last.results))
+                            if timed:
+                                compute_fast.append(min(r["compute_s"] for r in last.results))
+                        done += count
                     losses["group"] = last.results[0]["loss"]
                     if timed:
                         group_times += times
@@ -324,12 +337,12 @@ def measure_model(model: str, cluster: Any, steps: int, block: int, log: Callabl
             diffs.append(abs(losses["group"] - losses["ddp"]))
             if timed:
                 pairs.append(median(group_times[-block:]) / median(ddp_times[-block:]))
-            log(f"{model}: block {b + 1}/{blocks}{'' if timed else ' (warm-up)'}: group {1e3 * median(group_times[-block:] if timed else [0]):.2f} ms, "
+            log(f"{model}, {steps_per_call} step(s)/call: block {b + 1}/{blocks}{'' if timed else ' (warm-up)'}: group {1e3 * median(group_times[-block:] if timed else [0]):.2f} ms, "
                 f"plain DDP {1e3 * median(ddp_times[-block:] if timed else [0]):.2f} ms, "
                 f"rank-0 loss {losses['group']:.6f} vs {losses['ddp']:.6f}")
         probe = _probe_ms(probes, probe_calls, batch)
         result = OverheadResult(
-            model=model, steps=len(group_times), group_ms=1e3 * median(group_times), ddp_ms=1e3 * median(ddp_times),
+            model=model, steps_per_call=steps_per_call, steps=len(group_times), group_ms=1e3 * median(group_times), ddp_ms=1e3 * median(ddp_times),
             worker_compute_ms=1e3 * median(compute), worker_compute_fast_ms=1e3 * median(compute_fast),
             ray_roundtrip_ms=_ping_ms(group, probe_calls),
             probe_empty_ms=probe[0], probe_payload_ms=probe[1],
@@ -343,18 +356,34 @@ def measure_model(model: str, cluster: Any, steps: int, block: int, log: Callabl
             ddp.close()
 
 
+def auto_steps_per_call(step_ms: float) -> int:
+    """What ``workers.steps_per_call: auto`` picks for a step of ``step_ms`` (elastic.trainer's rule)."""
+    from elastic.trainer import CALL_TARGET_S, MAX_AUTO_STEPS_PER_CALL
+
+    return min(max(int(CALL_TARGET_S / max(step_ms / 1e3, 1e-6)), 1), MAX_AUTO_STEPS_PER_CALL)
+
+
 def measure(models: Sequence[str], steps: int, block: int, log: Callable[[str], None] = print,
-            cluster: Any = None, probe_calls: int = 200) -> list[OverheadResult]:
-    """Both arms for each model, on ``cluster`` (a started LocalRayCluster with 2 slot nodes) or a new one."""
+            cluster: Any = None, probe_calls: int = 200, auto: bool = True) -> list[OverheadResult]:
+    """Both arms for each model, on ``cluster`` (a started LocalRayCluster with 2 slot nodes) or a new one:
+    first one step per call, then (``auto``) the number ``steps_per_call: auto`` picks from that
+    run's group step time, when it is more than one."""
     for m in models:
         model_spec(m)
+    results = []
     with contextlib.nullcontext(cluster) if cluster is not None else local_cluster(WORLD_SIZE) as cluster:
-        return [measure_model(m, cluster, steps, block, log, probe_calls) for m in models]
+        for m in models:
+            single = measure_model(m, cluster, steps, block, log, probe_calls)
+            results.append(single)
+            count = auto_steps_per_call(single.group_ms)
+            if auto and count > 1:
+                results.append(measure_model(m, cluster, steps, block, log, probe_calls, steps_per_call=count))
+    return results
 
 
-HEADERS = ["model", "params", "world size", "steps", "plain DDP step median (ms)", "group step median (ms)",
+HEADERS = ["model", "params", "world size", "steps per call", "steps", "plain DDP step median (ms)", "group step median (ms)",
            "ratio of medians", "ratio, median of block pairs", "target (paired ratio)"]
-DETAIL_HEADERS = ["model", "group step (ms)", "in the actors: collate + DDP step, slower / faster rank (ms)",
+DETAIL_HEADERS = ["model", "steps per call", "group step (ms)", "in the actors: collate + DDP step, slower / faster rank (ms)",
                   "outside the actors (ms)",
                   "Ray round trip to the workers, 2 empty calls (ms)",
                   "probe actors: 2 empty calls / 2 step-sized calls (ms)", "driver plan + shard + commit (ms)", "max rank-0 loss diff"]
@@ -365,9 +394,9 @@ def report(results: Sequence[OverheadResult], command: str, load_before: str, lo
     for r in results:
         target = (f"<= {TARGET_RATIO:.2f}: {'met' if r.paired_ratio <= TARGET_RATIO else 'missed'}" if r.model == "digits"
                   else "(reported)")
-        rows.append([r.model, f"{MODELS[r.model].parameters:,}", WORLD_SIZE, r.steps, f"{r.ddp_ms:.2f}",
+        rows.append([r.model, f"{MODELS[r.model].parameters:,}", WORLD_SIZE, r.steps_per_call, r.steps, f"{r.ddp_ms:.2f}",
                      f"{r.group_ms:.2f}", f"{r.ratio:.3f}", f"{r.paired_ratio:.3f}", target])
-    details = [[r.model, f"{r.group_ms:.2f}", f"{r.worker_compute_ms:.2f} / {r.worker_compute_fast_ms:.2f}", f"{r.group_ms - r.worker_compute_ms:.2f}",
+    details = [[r.model, r.steps_per_call, f"{r.group_ms:.2f}", f"{r.worker_compute_ms:.2f} / {r.worker_compute_fast_ms:.2f}", f"{r.group_ms - r.worker_compute_ms:.2f}",
                 f"{r.ray_roundtrip_ms:.2f}", f"{r.probe_empty_ms:.2f} / {r.probe_payload_ms:.2f}", f"{r.driver_plan_ms:.3f}", f"{r.max_loss_diff:.2e}"] for r in results]
     return "\n".join([
         "# Worker-group overhead: group step vs plain torch DDP",

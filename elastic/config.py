@@ -23,7 +23,7 @@ import re
 import typing
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Annotated, Any, Literal, Optional
+from typing import Annotated, Any, Literal, Optional, Union
 
 import yaml
 from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, Strict, ValidationError, model_validator
@@ -86,6 +86,18 @@ Int = Annotated[int, Strict()]
 Float = Annotated[float, BeforeValidator(_reject_bool)]
 """A finite number; ints are accepted, and numeric strings such as YAML 1.1's ``1e-3``."""
 Bool = Annotated[bool, Strict()]
+
+
+def _auto_or_positive_int(value: Any) -> Any:
+    if value == "auto" and isinstance(value, str):
+        return value
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise _error(f"must be 'auto' or an int >= 1 (got {_short_repr(value)})")
+    return value
+
+
+AutoOrInt = Annotated[Union[Literal["auto"], int], BeforeValidator(_auto_or_positive_int)]
+"""``"auto"`` or a whole number >= 1."""
 
 _DNS_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
 _IMPORT_PATH = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*:[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*$")
@@ -208,6 +220,11 @@ class WorkersConfig(_Section):
     """Most workers the job may use (>= min)."""
     initial: Int = Field(default=1, ge=1)
     """Workers at start, in [min, max]; defaults to min."""
+    steps_per_call: AutoOrInt = "auto"
+    """Steps each worker runs per call from the driver. ``auto``: as many as take about
+    0.2 s at the measured step time (at most 64; 1 until steps at the current size were timed),
+    which spreads the fixed cost of a Ray call over many short steps. A resize, a stop request or
+    a checkpoint waits for the running call; a failure loses at most the step it hit. 1: a call per step."""
 
     @model_validator(mode="before")
     @classmethod

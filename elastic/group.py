@@ -35,6 +35,10 @@ class WorkerGroupError(RuntimeError):
     """The group cannot go on (e.g. the task raises on every rank); one-line message."""
 
 
+class RankLostError(WorkerGroupError):
+    """A call outside a step found its worker dead; the next step notices and re-forms the group."""
+
+
 @dataclass
 class Member:
     worker_id: str
@@ -202,51 +206,83 @@ class WorkerGroup:
         self.members = []
         raise WorkerGroupError("could not form a group: every worker died while re-forming")
 
-    # ------------------------------------------------------------------------ one step
+    # ------------------------------------------------------------------------ steps
     def run_step(self, plan: StepPlan) -> StepOutcome:
-        """Run one step on every rank; on a lost rank, re-form around the most advanced survivor."""
-        refs = [m.actor.train_step.remote(plan.shard(rank)) for rank, m in enumerate(self.members)]
-        reports: list[dict[str, Any] | None] = []
-        for m, ref in zip(self.members, refs):
+        """Run one step on every rank (see :meth:`run_steps`)."""
+        return self.run_steps([plan])[-1]
+
+    def run_steps(self, plans: Sequence[StepPlan], expected_step_s: float | None = None) -> list[StepOutcome]:
+        """Run consecutive steps, one actor call per rank for all of them; one outcome per step that ran.
+
+        Every outcome but the last is completed. When a rank is lost, the group re-forms around the
+        most advanced survivor: the steps it completed are kept, the step the failure hit is kept
+        only if a survivor completed it (else abandoned: its outcome is the last, not completed) and
+        the plans after it never ran. ``expected_step_s`` (the usual step time) bounds how long a
+        silent rank is waited for; without it each step gets the full ``STEP_TIMEOUT_S``.
+        """
+        if not plans:
+            return []
+        refs = [m.actor.train_steps.remote([p.shard(rank) for p in plans]) for rank, m in enumerate(self.members)]
+        budget = STEP_TIMEOUT_S * len(plans) if expected_step_s is None else \
+            STEP_TIMEOUT_S + 10.0 * expected_step_s * len(plans)
+        deadline = time.monotonic() + budget
+        per_rank: list[list[dict[str, Any]] | None] = []
+        for ref in refs:
             try:
-                reports.append(ray.get(ref, timeout=STEP_TIMEOUT_S))
+                per_rank.append(ray.get(ref, timeout=max(1.0, deadline - time.monotonic())))
             except (RayActorError, GetTimeoutError):
-                reports.append(None)
-        if all(r is not None and r["ok"] for r in reports):
-            return StepOutcome(True, tuple(reports), consumed=_consumed(plan))  # type: ignore[arg-type]
+                per_rank.append(None)
+        if all(r is not None and len(r) == len(plans) and r[-1]["ok"] for r in per_rank):
+            return [StepOutcome(True, tuple(r[k] for r in per_rank), consumed=_consumed(plan))  # type: ignore[index]
+                    for k, plan in enumerate(plans)]
 
-        lost = [m for m, r in zip(self.members, reports) if r is None]
-        failed = [r for r in reports if r is not None and not r["ok"]]
-        if not lost and any(not r["communication"] for r in failed):
+        lost = [m for m, r in zip(self.members, per_rank) if r is None]
+        failed = [r[-1] for r in per_rank if r is not None and not r[-1]["ok"]]
+        if not lost and any(not f["communication"] for f in failed):
             raise WorkerGroupError(f"the task failed on {len(failed)} worker(s): {failed[0]['error']}")
-        return self._recover(plan, reports, lost)
+        return self._recover(plans, per_rank, lost)
 
-    def _recover(self, plan: StepPlan, reports: list[dict[str, Any] | None], lost: list[Member]) -> StepOutcome:
+    def _recover(self, plans: Sequence[StepPlan], per_rank: list[list[dict[str, Any]] | None],
+                 lost: list[Member]) -> list[StepOutcome]:
         started = time.perf_counter()
         for m in lost:
             ray.kill(m.actor, no_restart=True)
-        survivors = [(m, r) for m, r in zip(self.members, reports) if r is not None]
+        survivors = [(m, r) for m, r in zip(self.members, per_rank) if r is not None]
         if not survivors:
+            # Nothing survived to say how far the call got: the trainer resumes from a checkpoint.
             self.members = []
-            return StepOutcome(False, (), tuple(m.worker_id for m in lost), time.perf_counter() - started)
-        # Some survivors may have finished the update before the failure reached them: they are
-        # the source of truth (their update used every rank's gradient); the rest take their state.
-        most = max(r["steps_done"] for _, r in survivors)
-        source = next(m for m, r in survivors if r["steps_done"] == most)
-        lagging = {m.worker_id for m, r in survivors if r["steps_done"] < most}
-        completed = any(r["ok"] for _, r in survivors)
+            return [StepOutcome(False, (), tuple(m.worker_id for m in lost), time.perf_counter() - started)]
+        # Some survivors may have finished an update before the failure reached them: the most
+        # advanced one is the source of truth (its updates used every rank's gradient); the rest
+        # take its state. Its completed steps are the call's completed steps.
+        done = {m.worker_id: sum(1 for rep in r if rep["ok"]) for m, r in survivors}
+        most = max(done.values())
+        source = next(m for m, _ in survivors if done[m.worker_id] == most)
+        lagging = {m.worker_id for m, _ in survivors if done[m.worker_id] < most}
         order = [source] + [m for m, _ in survivors if m is not source]
-        logger.warning("lost %s mid-step; step %s; re-forming with %d survivor(s)",
-                       ", ".join(m.worker_id for m in lost) or "no worker (collective error)",
-                       "completed" if completed else "abandoned", len(order))
+        hit = min(most, len(plans) - 1)  # the step the failure hit (the last one if all completed)
+        logger.warning("lost %s in step %d of %d of this call; %d completed; re-forming with %d survivor(s)",
+                       ", ".join(m.worker_id for m in lost) or "no worker (collective error)", hit + 1,
+                       len(plans), most, len(order))
         self._reform(order, needs_state=lagging)
-        results = tuple(r for _, r in survivors if r["ok"])
-        consumed = _consumed(plan) if completed else {}
-        return StepOutcome(completed, results, tuple(m.worker_id for m in lost), time.perf_counter() - started, consumed)
+        recovery_s = time.perf_counter() - started
+        lost_ids = tuple(m.worker_id for m in lost)
+        outcomes = []
+        for k in range(min(most + 1, len(plans))):
+            completed = k < most
+            results = tuple(r[k] for _, r in survivors if k < len(r) and r[k]["ok"])
+            last = k == min(most, len(plans) - 1)
+            outcomes.append(StepOutcome(completed, results, lost_ids if last else (), recovery_s if last else 0.0,
+                                        _consumed(plans[k]) if completed else {}))
+        return outcomes
 
     # ------------------------------------------------------------------------ other calls
     def state(self) -> dict[str, Any]:
-        return ray.get(self.members[0].actor.state.remote(), timeout=STEP_TIMEOUT_S)
+        """Rank 0's state (model, optimizer + AdaScale, step count); RankLostError if it is gone."""
+        try:
+            return ray.get(self.members[0].actor.state.remote(), timeout=STEP_TIMEOUT_S)
+        except (RayActorError, GetTimeoutError) as exc:
+            raise RankLostError(f"rank 0 ({self.members[0].worker_id}) did not answer: {type(exc).__name__}") from None
 
     def evaluate(self) -> dict[str, float]:
         return ray.get(self.members[0].actor.evaluate.remote(), timeout=600)

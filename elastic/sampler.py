@@ -17,6 +17,9 @@ The driver owns the sampler and uses it in two phases so that a failed step cons
         sampler.commit(plan)                # only now does the cursor move
     # on a failure the plan is dropped; the survivors re-plan the same samples at the new size
 
+Several steps can be handed out at once: ``sampler.plan(..., after=previous_plan)`` plans the step
+that follows an uncommitted plan; the plans are committed in order, as far as the steps completed.
+
 A global batch may span an epoch boundary: it takes the rest of epoch ``e`` and then the start of
 epoch ``e + 1``, so every sample of every epoch is consumed exactly once and no batch is short.
 """
@@ -154,8 +157,12 @@ class ElasticSampler:
         return perm
 
     # -- stepping ---------------------------------------------------------------------------
-    def plan(self, global_batch: int, world_size: int, accumulation_steps: int) -> StepPlan:
+    def plan(self, global_batch: int, world_size: int, accumulation_steps: int,
+             after: StepPlan | None = None) -> StepPlan:
         """The next ``global_batch`` samples split for ``world_size`` ranks; does not advance.
+
+        ``after``: plan the step that follows that (uncommitted) plan instead of the current
+        position, to hand several steps to the workers at once; commit the plans in order.
 
         Raises:
             SamplerError: ``global_batch`` is not a multiple of ``world_size * accumulation_steps``,
@@ -174,22 +181,28 @@ class ElasticSampler:
         if global_batch > n:
             raise SamplerError(f"dataset has {n} samples, smaller than one global batch of {global_batch}")
 
-        end = self._cursor + global_batch
-        head = self.permutation(self._epoch)[self._cursor : min(end, n)]
+        if after is None:
+            epoch, cursor = self._epoch, self._cursor
+        elif isinstance(after, StepPlan):
+            epoch, cursor = after.epoch_after, after.cursor_after
+        else:
+            raise SamplerError(f"after: must be a StepPlan or None (got {type(after).__name__})")
+        end = cursor + global_batch
+        head = self.permutation(epoch)[cursor : min(end, n)]
         if end < n:
-            indices, epoch_after, cursor_after = head, self._epoch, end
+            indices, epoch_after, cursor_after = head, epoch, end
         else:
             # The batch finishes this epoch and (unless it ends exactly on the boundary) takes the
             # first samples of the next: no short batch, and no sample of either epoch is skipped.
             cursor_after = end - n
-            tail = self.permutation(self._epoch + 1)[:cursor_after]
-            indices, epoch_after = np.concatenate([head, tail]), self._epoch + 1
+            tail = self.permutation(epoch + 1)[:cursor_after]
+            indices, epoch_after = np.concatenate([head, tail]), epoch + 1
         return StepPlan(
             indices=tuple(indices.tolist()),
             world_size=world_size,
             accumulation_steps=accumulation_steps,
-            epoch_before=self._epoch,
-            cursor_before=self._cursor,
+            epoch_before=epoch,
+            cursor_before=cursor,
             epoch_after=epoch_after,
             cursor_after=cursor_after,
         )

@@ -21,12 +21,17 @@ from typing import Any, Callable
 from elastic.checkpoint import CheckpointManager
 from elastic.config import JobSpec
 from elastic.metrics import ControllerMetrics, NullTrainerMetrics, StepRecord, TrainerMetrics, start_exporter
-from elastic.sampler import ElasticSampler
+from elastic.sampler import ElasticSampler, StepPlan
 
 logger = logging.getLogger("elastic")
 
 #: Newcomers that are ready join together; one that waited this long joins without the others.
 GROW_BATCH_WAIT_S = 5.0
+#: workers.steps_per_call = auto: a call carries about this much work, and at most this many steps,
+#: once this many steps at the current world size were timed.
+CALL_TARGET_S = 0.2
+MAX_AUTO_STEPS_PER_CALL = 64
+MIN_TIMED_STEPS = 3
 #: Seconds a first worker may take to start (process, imports, dataset) before the job gives up.
 STARTUP_TIMEOUT_S = 300.0
 
@@ -288,24 +293,37 @@ class ElasticTrainer:
                     boundary_s = time.perf_counter()
                     continue
                 world = self.group.size
-                plan = self.sampler.plan(spec.global_batch_size(world), world, spec.accumulation_steps)
+                plans: list[StepPlan] = []
+                for _ in range(self._steps_per_call(world)):
+                    plans.append(self.sampler.plan(spec.global_batch_size(world), world, spec.accumulation_steps,
+                                                   after=plans[-1] if plans else None))
                 step_started = time.perf_counter()
                 if resize is not None:
                     self._record_resize(*resize, pause_s=step_started - boundary_s)
-                outcome = self.group.run_step(plan)
+                outcomes = self.group.run_steps(plans, expected_step_s=self._median_step_s(world))
                 boundary_s = time.perf_counter()
-                if outcome.lost_workers:
-                    self._record_failure(outcome, world)
-                if not outcome.completed:
-                    self._abandoned_steps += 1
-                if outcome.completed:
+                recovery_s = sum(o.recovery_s for o in outcomes)
+                step_s = (boundary_s - step_started - recovery_s) / len(outcomes)
+                steps_before = self._steps
+                for outcome, plan in zip(outcomes, plans):
+                    if outcome.lost_workers:
+                        self._record_failure(outcome, world)
+                    if not outcome.completed:
+                        self._abandoned_steps += 1
+                        continue
                     self.sampler.commit(plan)
-                    self._record_step(outcome, plan, world, boundary_s - step_started)
+                    self._record_step(outcome, plan, world, step_s)
                     display.update(self._last, world, self.sampler.samples_consumed)
-                    if self._steps % spec.checkpoint.every_steps == 0:
-                        self._checkpoint()
-                if self.on_step is not None:
+                    if self.on_step is not None:
+                        self.on_step(self)
+                if not any(o.completed for o in outcomes) and self.on_step is not None:
                     self.on_step(self)
+                # A call never runs past a checkpoint step, so the group's state is that step's.
+                if self._steps // spec.checkpoint.every_steps > steps_before // spec.checkpoint.every_steps:
+                    self._checkpoint()
+                if self._consecutive_skips >= spec.failure.max_consecutive_skipped_steps:
+                    raise TrainerError(f"{self._consecutive_skips} steps in a row had non-finite gradients "
+                                       "(failure.max_consecutive_skipped_steps); lower the learning rate")
             evaluation = self.group.evaluate()
             self._checkpoint()
         except BaseException:
@@ -321,6 +339,30 @@ class ElasticTrainer:
             if controller is not None:
                 controller.join(timeout=10)
         return self._summary(evaluation)
+
+    # ---------------------------------------------------------------- steps per call
+    def _median_step_s(self, world: int) -> float | None:
+        with self._lock:
+            times = self._step_times.get(world)
+            return statistics.median(times) if times and len(times) >= MIN_TIMED_STEPS else None
+
+    def _steps_per_call(self, world: int) -> int:
+        """How many steps the next call hands the workers (``workers.steps_per_call``), bounded so
+        that the call ends at the next checkpoint step and cannot carry tau past the total."""
+        spec = self.spec
+        setting = spec.workers.steps_per_call
+        if setting == "auto":
+            step_s = self._median_step_s(world)
+            count = 1 if step_s is None else int(CALL_TARGET_S / max(step_s, 1e-6))
+            count = min(max(count, 1), MAX_AUTO_STEPS_PER_CALL)
+        else:
+            count = int(setting)
+        every = spec.checkpoint.every_steps
+        count = min(count, every - self._steps % every)
+        # A step advances tau by its gain, at most S = world * accumulation_steps.
+        remaining = spec.total_progress - float(self._last.get("progress", 0.0))
+        count = min(count, max(1, int(remaining // (world * spec.accumulation_steps))))
+        return count
 
     # ---------------------------------------------------------------- resizing at a boundary
     def _apply_target(self, boundary_s: float) -> tuple[int, int, str, str] | None:
@@ -386,9 +428,6 @@ class ElasticTrainer:
             self._consecutive_skips += 1
             self.metrics.record_skip("nonfinite")
             logger.warning("step %d skipped: non-finite gradients (%d in a row)", self._steps, self._consecutive_skips)
-            if self._consecutive_skips >= spec.failure.max_consecutive_skipped_steps:
-                raise TrainerError(f"{self._consecutive_skips} steps in a row had non-finite gradients "
-                                   "(failure.max_consecutive_skipped_steps); lower the learning rate")
         else:
             self._consecutive_skips = 0
         samples = plan.global_batch
@@ -430,9 +469,18 @@ class ElasticTrainer:
 
     # ---------------------------------------------------------------- checkpoints
     def _checkpoint(self) -> None:
+        from elastic.group import RankLostError
+
         started = time.perf_counter()
+        try:
+            worker_state = self.group.state()
+        except RankLostError as exc:
+            # The next step finds the dead worker and re-forms (or, with none left, resumes from
+            # the previous checkpoint); this one is skipped rather than written from a guess.
+            logger.warning("checkpoint at step %d skipped: %s", self._steps, exc)
+            return
         state = {
-            "worker": self.group.state(),
+            "worker": worker_state,
             "sampler": self.sampler.state_dict(),
             "trainer": {"steps": self._steps, "skipped": self._skipped, "progress": float(self._last.get("progress", 0.0)),
                         "workers": self.group.size, "failures": self._failures},

@@ -183,6 +183,18 @@ class ElasticWorker:
             "compute_s": time.perf_counter() - started,
         }
 
+    def train_steps(self, steps: list[list[list[int]]]) -> list[dict[str, Any]]:
+        """Several optimizer steps in one call (each entry is one step's micro-batches), in order.
+
+        Stops at the first step that fails, whose report ends the list: the reports before it
+        are of completed steps, so the driver knows exactly how far this rank got."""
+        reports = []
+        for micro_batches in steps:
+            reports.append(self.train_step(micro_batches))
+            if not reports[-1]["ok"]:
+                break
+        return reports
+
     def evaluate(self) -> dict[str, float]:
         return {k: float(v) for k, v in self.task.evaluate(self.model).items()}
 

@@ -283,9 +283,10 @@ def test_ddp_gain_equals_single_process_accumulation(world_size, accumulation, o
     assert single[-1][0] > 1.0  # the test is not vacuous: the gain moved away from 1
 
 
-def test_attach_ddp_carries_statistics_in_ddp_all_reduce(tmp_path, monkeypatch):
+@pytest.mark.parametrize("bucket_view", [False, True], ids=["copied-grads", "gradient-as-bucket-view"])
+def test_attach_ddp_carries_statistics_in_ddp_all_reduce(tmp_path, monkeypatch, bucket_view):
     """One-process gloo group: with attach_ddp, step() runs no all-reduce of its own and gets the
-    same gains as without; misuse is a typed error."""
+    same gains and weights as without; misuse is a typed error."""
     import torch.distributed as dist
 
     from elastic import adascale as adascale_module
@@ -294,10 +295,10 @@ def test_attach_ddp_carries_statistics_in_ddp_all_reduce(tmp_path, monkeypatch):
     try:
         with pytest.raises(AdaScaleError, match="DistributedDataParallel"):
             AdaScale(torch.optim.SGD(dh.make_model().parameters(), lr=0.1)).attach_ddp(dh.make_model())
-        gains = {}
+        gains, weights = {}, {}
         for attach in (False, True):
             model = dh.make_model()
-            ddp = torch.nn.parallel.DistributedDataParallel(model)
+            ddp = torch.nn.parallel.DistributedDataParallel(model, gradient_as_bucket_view=bucket_view)
             opt = AdaScale(torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9), accumulation_steps=2)
             if attach:
                 opt.attach_ddp(ddp)
@@ -318,11 +319,14 @@ def test_attach_ddp_carries_statistics_in_ddp_all_reduce(tmp_path, monkeypatch):
             monkeypatch.setattr(adascale_module.dist, "all_reduce", real)
             monkeypatch.setattr(adascale_module, "_all_reduce", real_async)
             gains[attach] = [row[0] for row in history]
+            weights[attach] = [p.detach().clone() for p in model.parameters()]
             if attach:  # the statistics rode on DDP's own reduction: step() ran none of its own
                 assert calls == {"step": 0, "comm hook": 3}
             else:  # one rank and no comm hook: nothing to reduce
                 assert calls == {"step": 0, "comm hook": 0}
         assert gains[True] == pytest.approx(gains[False], rel=1e-6)  # float32 sums in a different order
         assert gains[True][-1] > 1.0
+        for attached, plain in zip(weights[True], weights[False]):
+            assert torch.allclose(attached, plain, atol=1e-6)
     finally:
         dist.destroy_process_group()

@@ -35,6 +35,10 @@ class KillAtSteps:
         self.killed: list[int] = []
 
     def __call__(self, trainer) -> None:
+        # on_step runs after each step; with several steps per call, after the call. A worker
+        # already shot is still listed until the next call finds it dead: wait for that.
+        if any(m.info["pid"] in self.killed for m in trainer.group.members):
+            return
         if self.steps and trainer.steps >= self.steps[0] and trainer.group.size >= 2:
             self.steps.pop(0)
             members = trainer.group.members if self.every_worker else [random.choice(trainer.group.members[1:])]
@@ -52,7 +56,9 @@ def undisturbed(tmp_path_factory):
 
 def test_repeated_worker_kills_lose_no_sample(tmp_path, undisturbed):
     random.seed(7)
-    spec = digits_spec(tmp_path, total_progress=3000, **{"workers.initial": 2})
+    # Four workers, so that all three kills find a second worker without waiting for a regrow
+    # (steps run back to back in calls of several, so a one-worker stretch passes quickly).
+    spec = digits_spec(tmp_path, total_progress=3000, **{"workers.initial": 4, "workers.max": 4})
     chaos = KillAtSteps(sorted(random.sample(range(60, 900), 3)))
     summary = ElasticTrainer(spec, ledger=True, on_step=chaos, show_progress=False).run()
     assert len(chaos.killed) == 3 and summary.worker_failures == 3

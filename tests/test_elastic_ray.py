@@ -155,7 +155,7 @@ def test_resume_after_the_driver_is_killed(tmp_path):
     checkpoints = sorted((tmp_path / "run" / "checkpoints").glob("ckpt-*.pt"))
     assert checkpoints, "no checkpoint was written before the kill"
     ckpt_step = int(checkpoints[-1].stem.split("-")[1])
-    assert ckpt_step < killed_at
+    assert ckpt_step <= killed_at  # equal when the kill came right after a call that ended on a checkpoint
 
     second = subprocess.run(cmd + ["--resume"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=400)
     assert second.returncode == 0, second.stderr[-3000:]

@@ -103,12 +103,12 @@ def test_resize_summary_medians_and_ratio():
 
 def test_overhead_report_flags_the_target():
     def result(group_ms):
-        return group_overhead.OverheadResult("digits", 100, group_ms, 10.0, 9.0, 8.5, 1.0, 0.8, 1.0, 0.01, 0.0,
+        return group_overhead.OverheadResult("digits", 1, 100, group_ms, 10.0, 9.0, 8.5, 1.0, 0.8, 1.0, 0.01, 0.0,
                                              paired_ratio=group_ms / 10.0 + 0.01)
 
     assert result(10.5).ratio == pytest.approx(1.05)
     met = _tables(group_overhead.report([result(10.5)], "cmd", "a", "b", 1.0))
-    assert met[0][0][-1] == "<= 1.10: met" and met[1][0][2] == "9.00 / 8.50" and met[1][0][3] == "1.50"
+    assert met[0][0][-1] == "<= 1.10: met" and met[1][0][3] == "9.00 / 8.50" and met[1][0][4] == "1.50"
     missed = _tables(group_overhead.report([result(12.0)], "cmd", "a", "b", 1.0))
     assert missed[0][0][-1] == "<= 1.10: missed"
 
@@ -149,9 +149,14 @@ def test_group_overhead_quick_table(cluster, tmp_path):
     assert group_overhead.main(["--quick", "--out", str(tmp_path)], cluster=cluster) == 0
     text = (tmp_path / "group_overhead.md").read_text()
     main_table, details = _tables(text)[:2]
-    assert len(main_table) == 1 and main_table[0][:4] == ["digits", "9,930", "2", "40"]
-    ddp_ms, group_ms, ratio, paired = (float(x) for x in main_table[0][4:8])
-    assert 0 < ddp_ms and 0 < group_ms and ratio == pytest.approx(group_ms / ddp_ms, rel=0.01) and paired > 0
-    # Same initial weights, same samples, same optimizer: the two arms compute the same losses.
-    assert float(details[0][-1]) < 1e-4
+    # One step per call, then the number `steps_per_call: auto` picks from that row's step time.
+    assert [row[:3] for row in main_table] == [["digits", "9,930", "2"]] * len(main_table)
+    assert main_table[0][3:5] == ["1", "40"]
+    if len(main_table) == 2:
+        assert int(main_table[1][3]) == group_overhead.auto_steps_per_call(float(main_table[0][6])) > 1
+    for row, detail in zip(main_table, details):
+        ddp_ms, group_ms, ratio, paired = (float(x) for x in row[5:9])
+        assert 0 < ddp_ms and 0 < group_ms and ratio == pytest.approx(group_ms / ddp_ms, rel=0.01) and paired > 0
+        # Same initial weights, same samples, same optimizer: the two arms compute the same losses.
+        assert float(detail[-1]) < 1e-4
     assert "load average" in text

@@ -295,3 +295,43 @@ def test_stale_plan_rejected_after_any_history(steps, other):
     with pytest.raises(StalePlanError):
         sampler.commit(stale)
     assert sampler.state_dict() == before
+
+
+@settings(max_examples=100, deadline=None)
+@given(
+    calls=st.lists(st.tuples(st.integers(1, 8), st.integers(1, 3), st.integers(1, 6), st.integers(0, 6)),
+                   min_size=1, max_size=10),
+    dataset_len=st.integers(min_value=8 * 3 * BATCH_PER_WORKER, max_value=150),
+)
+def test_chained_plans_committed_as_far_as_completed_match_one_by_one(calls, dataset_len):
+    """Several steps handed out at once (plan(after=...)) and committed only up to the step a
+    failure hit give the same samples, in the same order, as planning and committing step by step."""
+    chained, single = ElasticSampler(dataset_len, seed=3), ElasticSampler(dataset_len, seed=3)
+    got, expected = [], []
+    for world, acc, count, completed in calls:
+        batch = world * BATCH_PER_WORKER * acc
+        plans = []
+        for _ in range(count):
+            plans.append(chained.plan(batch, world, acc, after=plans[-1] if plans else None))
+        for plan in plans[: min(completed, count)]:
+            chained.commit(plan)
+            got += list(plan.indices)
+        for _ in range(min(completed, count)):
+            plan = single.plan(batch, world, acc)
+            single.commit(plan)
+            expected += list(plan.indices)
+    assert got == expected
+    assert chained.state_dict() == single.state_dict()
+
+
+def test_plan_after_rejects_non_plans_and_later_plans_are_stale():
+    sampler = ElasticSampler(40, seed=0)
+    with pytest.raises(SamplerError, match="after: must be a StepPlan"):
+        sampler.plan(4, 1, 1, after="x")
+    first = sampler.plan(4, 1, 1)
+    second = sampler.plan(4, 1, 1, after=first)
+    with pytest.raises(StalePlanError):
+        sampler.commit(second)  # out of order
+    sampler.commit(first)
+    sampler.commit(second)
+    assert sampler.cursor == 8
