@@ -77,6 +77,7 @@ def _ddp_rank(rank: int, world: int, port: int, job: Any, commands: Any, results
                             timeout=datetime.timedelta(seconds=120))
     opt.set_scale(world * job.accumulation_steps)
     ddp = torch.nn.parallel.DistributedDataParallel(model)
+    opt.attach_ddp(ddp)  # as the group's workers do: AdaScale's statistics ride on DDP's all-reduce
     sampler = ElasticSampler(len(dataset), job.seed)
     batch = job.batch_size_per_worker
     results.put(("ready", rank))
