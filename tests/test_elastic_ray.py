@@ -117,16 +117,17 @@ def test_quickstart_matches_a_fixed_size_run(tmp_path):
     assert max(b for _, b in sizes) == 4 and elastic.final_workers == 2
     assert fixed.resizes == () and fixed.final_workers == 2
     for run in (elastic, fixed):
-        assert run.progress >= run.total_progress == 6000
+        assert run.progress >= run.total_progress == elastic_spec.total_progress
     acc_elastic, acc_fixed = elastic.evaluation["accuracy"], fixed.evaluation["accuracy"]
     assert abs(acc_elastic - acc_fixed) <= 0.01, (acc_elastic, acc_fixed)
     # Every sample the summary counts was consumed exactly once, in the global order.
     counts = check_exactly_once(read_ledger(tmp_path / "elastic"), DIGITS_TRAIN_LEN, seed=0)
     assert counts["samples"] == elastic.samples
     # Samples per unit of tau follow the statistical efficiency (1 at one worker, r/S below 1 at
-    # more): the elastic run spent part of its tau at one worker, so it used somewhat fewer samples
-    # (measured 211k vs 253k); a lost or repeated batch stream would be far off.
-    assert 0.75 <= elastic.samples / fixed.samples <= 1.05
+    # more): the elastic run spends part of its tau at one worker (fewer samples per tau) and part
+    # at four (more), how much of each depending on how fast the new workers warm up (measured
+    # 211k vs 253k at tau 6000 in an earlier version); a lost or repeated batch stream would be far off.
+    assert 0.6 <= elastic.samples / fixed.samples <= 1.4
 
 
 def test_resume_after_the_driver_is_killed(tmp_path):
