@@ -222,7 +222,7 @@ class WorkersConfig(_Section):
     """Workers at start, in [min, max]; defaults to min."""
     steps_per_call: AutoOrInt = "auto"
     """Steps each worker runs per call from the driver. ``auto``: as many as take about
-    0.2 s at the measured step time (at most 64; 1 until steps at the current size were timed),
+    0.5 s at the measured step time (at most 128; 1 until steps at the current size were timed),
     which spreads the fixed cost of a Ray call over many short steps. A resize, a stop request or
     a checkpoint waits for the running call; a failure loses at most the step it hit. 1: a call per step."""
 

@@ -29,8 +29,8 @@ logger = logging.getLogger("elastic")
 GROW_BATCH_WAIT_S = 5.0
 #: workers.steps_per_call = auto: a call carries about this much work, and at most this many steps,
 #: once this many steps at the current world size were timed.
-CALL_TARGET_S = 0.2
-MAX_AUTO_STEPS_PER_CALL = 64
+CALL_TARGET_S = 0.5
+MAX_AUTO_STEPS_PER_CALL = 128
 MIN_TIMED_STEPS = 3
 #: Seconds a first worker may take to start (process, imports, dataset) before the job gives up.
 STARTUP_TIMEOUT_S = 300.0
