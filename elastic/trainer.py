@@ -9,8 +9,10 @@ only moves the target; the training thread alone touches the group.
 from __future__ import annotations
 
 import collections
+import contextlib
 import json
 import logging
+import signal
 import statistics
 import threading
 import time
@@ -107,6 +109,7 @@ class ElasticTrainer:
         self._consecutive_skips = 0
         self._failures = 0
         self._abandoned_steps = 0
+        self._call_in_flight = False
         self._started_s = time.monotonic()
         self._last_resize_s: float | None = None
         self.backend: Any = None
@@ -150,7 +153,8 @@ class ElasticTrainer:
                     self.backend.serve(done)
                 thread.join()
             else:
-                self._train_into(result, None)
+                with _first_interrupt_stops(self._stop):
+                    self._train_into(result, None)
         finally:
             self._shutdown()
             logging.getLogger().removeHandler(log_handler)
@@ -300,6 +304,9 @@ class ElasticTrainer:
                 step_started = time.perf_counter()
                 if resize is not None:
                     self._record_resize(*resize, pause_s=step_started - boundary_s)
+                # Until its outcomes are all recorded, the workers may hold updates of steps the
+                # sampler has not committed: no checkpoint may be taken from them meanwhile.
+                self._call_in_flight = len(plans) > 1
                 outcomes = self.group.run_steps(plans, expected_step_s=self._median_step_s(world))
                 boundary_s = time.perf_counter()
                 recovery_s = sum(o.recovery_s for o in outcomes)
@@ -316,6 +323,7 @@ class ElasticTrainer:
                     display.update(self._last, world, self.sampler.samples_consumed)
                     if self.on_step is not None:
                         self.on_step(self)
+                self._call_in_flight = False
                 if not any(o.completed for o in outcomes) and self.on_step is not None:
                     self.on_step(self)
                 # A call never runs past a checkpoint step, so the group's state is that step's.
@@ -327,7 +335,11 @@ class ElasticTrainer:
             evaluation = self.group.evaluate()
             self._checkpoint()
         except BaseException:
-            if self.group is not None and self.group.size > 0 and self.sampler is not None:
+            if self._call_in_flight:
+                logger.warning("no checkpoint at the stop: it came in the middle of a call of several steps, "
+                               "whose updates are not all recorded; the newest checkpoint (step %d or earlier) stands",
+                               self._steps)
+            elif self.group is not None and self.group.size > 0 and self.sampler is not None:
                 try:
                     self._checkpoint()
                 except Exception as exc:  # noqa: BLE001 - the original error matters more
@@ -567,6 +579,27 @@ class ElasticTrainer:
             stopped_early=self._last.get("progress", 0.0) < self.spec.total_progress,
             extra={"abandoned_steps": self._abandoned_steps},
         )
+
+
+@contextlib.contextmanager
+def _first_interrupt_stops(stop: threading.Event):
+    """In the main thread: the first Ctrl-C asks for a stop at the next call boundary (evaluate,
+    checkpoint, summary) instead of breaking into a call; a second one interrupts as usual."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def on_interrupt(signum, frame):
+        if stop.is_set():
+            raise KeyboardInterrupt
+        logger.warning("interrupted: stopping at the next step boundary with a checkpoint (Ctrl-C again to abort)")
+        stop.set()
+
+    previous = signal.signal(signal.SIGINT, on_interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 class _ProgressDisplay:

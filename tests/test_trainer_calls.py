@@ -10,7 +10,7 @@ from elastic.config import parse_job_spec
 from elastic.trainer import CALL_TARGET_S, MAX_AUTO_STEPS_PER_CALL, ElasticTrainer
 
 
-def trainer(tmp_path, steps_per_call="auto", every_steps=100, total=3000.0, accumulation=1) -> ElasticTrainer:
+def trainer(tmp_path, steps_per_call="auto", every_steps=1000, total=30000.0, accumulation=1) -> ElasticTrainer:
     spec = parse_job_spec({
         "name": "calls", "task": "examples.digits:DigitsTask", "batch_size_per_worker": 8,
         "accumulation_steps": accumulation, "total_progress": total, "optimizer": {"name": "sgd", "lr": 0.1},
@@ -37,7 +37,7 @@ def test_auto_starts_with_one_step_then_fills_the_call_target(tmp_path):
 
 
 def test_fixed_setting_and_bounds(tmp_path):
-    t = trainer(tmp_path, steps_per_call=16, every_steps=50)
+    t = trainer(tmp_path, steps_per_call=16, every_steps=50, total=3000.0)
     assert t._steps_per_call(2) == 16
     t._steps = 45
     assert t._steps_per_call(2) == 5  # the call ends on the checkpoint step
@@ -52,7 +52,7 @@ def test_fixed_setting_and_bounds(tmp_path):
 
 
 def test_accumulation_counts_in_the_tau_bound(tmp_path):
-    t = trainer(tmp_path, steps_per_call=64, accumulation=4)
+    t = trainer(tmp_path, steps_per_call=64, accumulation=4, total=3000.0)
     t._last = {"progress": 3000.0 - 64.0}
     assert t._steps_per_call(2) == 8
 
@@ -63,3 +63,25 @@ def test_steps_per_call_rejects_bad_values(tmp_path, value):
 
     with pytest.raises(ConfigError, match="steps_per_call: must be 'auto' or an int >= 1"):
         trainer(tmp_path, steps_per_call=value)
+
+
+def test_first_ctrl_c_asks_for_a_stop_and_the_second_interrupts():
+    """Attached to an existing cluster the driver trains in the main thread: the first SIGINT must
+    not break into a call of several steps (whose updates would not all be recorded)."""
+    import os
+    import signal
+    import threading
+    import time
+
+    from elastic.trainer import _first_interrupt_stops
+
+    stop = threading.Event()
+    before = signal.getsignal(signal.SIGINT)
+    with _first_interrupt_stops(stop):
+        os.kill(os.getpid(), signal.SIGINT)
+        time.sleep(0.05)
+        assert stop.is_set()
+        with pytest.raises(KeyboardInterrupt):
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(0.05)
+    assert signal.getsignal(signal.SIGINT) is before
