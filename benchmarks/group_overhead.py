@@ -312,9 +312,7 @@ def measure_model(model: str, cluster: Any, steps: int, block: int, log: Callabl
                         count = min(steps_per_call, block - done)
                         world = group.size
                         started = time.perf_counter()
-                        plans: list[Any] = []
-                        for _ in range(count):
-                            plans.append(driver.sampler.plan(world * batch, world, 1, after=plans[-1] if plans else None))
+                        plans = driver.sampler.plan_many(world * batch, world, 1, count)
                         outcomes = group.run_steps(plans)
                         if len(outcomes) < count or not all(o.completed for o in outcomes):
                             raise BenchmarkError(f"a group step did not complete (lost {outcomes[-1].lost_workers})")

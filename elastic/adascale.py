@@ -390,8 +390,7 @@ class AdaScale:
         elif mode == "hooks" and bucket.is_last():
             norms = self._take_local_norms()
             if norms:
-                stacked = _stacked(norms, buffer.device)
-                local = torch.dot(stacked, stacked)
+                local = _sum_of_squares(norms, buffer.device)
         numel = buffer.numel()
         mean_sq = self._bucket_mean_sq if mode == "buckets" else None
 
@@ -436,7 +435,7 @@ class AdaScale:
                                     "(was the backward pass run under no_sync?)")
             values = torch.stack([*self._delivered, *self._bucket_mean_sq]).tolist()
             split = len(self._delivered)
-            return world_size * sum(values[:split]) * acc2, sum(values[split:])
+            return self._ddp_world_size * sum(values[:split]) * acc2, sum(values[split:])
         grads = [p.grad.detach() for p in self._params if p.grad is not None]
         if not grads:
             raise AdaScaleError("step(): no parameter has a gradient; did the loss depend on the model?")
@@ -448,10 +447,10 @@ class AdaScale:
             # No comm hook carried them: one all-reduce of [micro sum, ||g_bar||^2]. Every rank holds
             # the same g_bar after DDP; averaging its norm anyway keeps the gain bit-identical on
             # every rank, and the NaN check rides on the same all-reduce.
-            micro = _stacked(local, device).square().sum()
+            micro = _sum_of_squares(local, device)
             if delivered:  # already averaged over ranks: summed over ranks below, they count once
                 micro = micro + _stacked(delivered, device).sum()
-            stats = torch.stack([micro, _stacked(mean_norms, device).square().sum()])
+            stats = torch.stack([micro, _sum_of_squares(mean_norms, device)])
             dist.all_reduce(stats, group=self._group())
             micro_sum, mean_sqnorm = stats.tolist()
             return float(micro_sum) * acc2, float(mean_sqnorm) / world_size
@@ -459,7 +458,8 @@ class AdaScale:
         # the all-reduced average, identical on every rank): one stack and one host sync.
         values = _stacked([*local, *delivered, *mean_norms], device).tolist()
         split = len(local) + len(delivered)
-        micro_sum = sum(v * v for v in values[:len(local)]) + world_size * sum(values[len(local):split])
+        delivered_sum = self._ddp_world_size * sum(values[len(local):split])  # averaged over DDP's group
+        micro_sum = sum(v * v for v in values[:len(local)]) + delivered_sum
         mean_sqnorm = sum(v * v for v in values[split:])
         return micro_sum * acc2, mean_sqnorm
 
@@ -500,6 +500,12 @@ def _stacked(norms: list[torch.Tensor] | tuple[torch.Tensor, ...], device: torch
         return torch.stack(list(norms)).to(device, torch.float32)
     except RuntimeError:  # tensors on several devices (a model split across them)
         return torch.stack([n.to(device, torch.float32) for n in norms])
+
+
+def _sum_of_squares(norms: list[torch.Tensor], device: torch.device) -> torch.Tensor:
+    """sum_k norms[k]^2 as a float32 scalar on ``device``."""
+    stacked = _stacked(norms, device)
+    return torch.dot(stacked, stacked)
 
 
 def _all_reduce(tensor: torch.Tensor, group: Any) -> torch.futures.Future:

@@ -18,7 +18,8 @@ The driver owns the sampler and uses it in two phases so that a failed step cons
     # on a failure the plan is dropped; the survivors re-plan the same samples at the new size
 
 Several steps can be handed out at once: ``sampler.plan(..., after=previous_plan)`` plans the step
-that follows an uncommitted plan; the plans are committed in order, as far as the steps completed.
+that follows an uncommitted plan (``plan_many`` chains ``count`` of them); the plans are committed
+in order, as far as the steps completed.
 
 A global batch may span an epoch boundary: it takes the rest of epoch ``e`` and then the start of
 epoch ``e + 1``, so every sample of every epoch is consumed exactly once and no batch is short.
@@ -206,6 +207,14 @@ class ElasticSampler:
             epoch_after=epoch_after,
             cursor_after=cursor_after,
         )
+
+    def plan_many(self, global_batch: int, world_size: int, accumulation_steps: int, count: int) -> list[StepPlan]:
+        """``count`` consecutive steps from the current position (each planned ``after`` the one
+        before it); does not advance. Commit them in order, as far as the steps completed."""
+        plans: list[StepPlan] = []
+        for _ in range(_positive_int("count", count)):
+            plans.append(self.plan(global_batch, world_size, accumulation_steps, after=plans[-1] if plans else None))
+        return plans
 
     def commit(self, plan: StepPlan) -> None:
         """Mark ``plan``'s samples consumed: move to ``(plan.epoch_after, plan.cursor_after)``.

@@ -23,7 +23,7 @@ from typing import Any, Callable
 from elastic.checkpoint import CheckpointManager
 from elastic.config import JobSpec
 from elastic.metrics import ControllerMetrics, NullTrainerMetrics, StepRecord, TrainerMetrics, start_exporter
-from elastic.sampler import ElasticSampler, StepPlan
+from elastic.sampler import ElasticSampler
 
 logger = logging.getLogger("elastic")
 
@@ -297,10 +297,8 @@ class ElasticTrainer:
                     boundary_s = time.perf_counter()
                     continue
                 world = self.group.size
-                plans: list[StepPlan] = []
-                for _ in range(self._steps_per_call(world)):
-                    plans.append(self.sampler.plan(spec.global_batch_size(world), world, spec.accumulation_steps,
-                                                   after=plans[-1] if plans else None))
+                plans = self.sampler.plan_many(spec.global_batch_size(world), world, spec.accumulation_steps,
+                                               self._steps_per_call(world))
                 step_started = time.perf_counter()
                 if resize is not None:
                     self._record_resize(*resize, pause_s=step_started - boundary_s)

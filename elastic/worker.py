@@ -149,21 +149,17 @@ class ElasticWorker:
         started = time.perf_counter()
         try:
             losses = []
-            count = len(micro_batches)
-            on_cpu = self.device.type == "cpu"
             for i, indices in enumerate(micro_batches):
-                batch = default_collate([self.dataset[j] for j in indices])
-                if not on_cpu:
-                    batch = _to_device(batch, self.device)
-                last = i == count - 1
+                batch = _to_device(default_collate([self.dataset[j] for j in indices]), self.device)
+                last = i == len(micro_batches) - 1
                 sync = contextlib.nullcontext() if last or self.ddp is self.model else self.ddp.no_sync()
                 with sync:
                     loss = self.task.loss(self.ddp, batch)
-                    (loss / count if count > 1 else loss).backward()
+                    (loss / len(micro_batches)).backward()
                 losses.append(loss.detach())
             applied = self.opt.step()
             self.opt.zero_grad()
-            loss_mean = float(losses[0]) if count == 1 else float(torch.stack(losses).mean())
+            loss_mean = float(torch.stack(losses).mean())
         except Exception as exc:  # noqa: BLE001 - the driver decides: peer lost, or a task bug
             self.opt.zero_grad()
             return {"ok": False, "worker_id": self.worker_id, "steps_done": self.steps_done,

@@ -335,3 +335,15 @@ def test_plan_after_rejects_non_plans_and_later_plans_are_stale():
     sampler.commit(first)
     sampler.commit(second)
     assert sampler.cursor == 8
+
+
+def test_plan_many_chains_plans_without_advancing():
+    sampler = ElasticSampler(40, seed=0)
+    plans = sampler.plan_many(12, 2, 1, 5)  # crosses the epoch boundary
+    assert [p.cursor_before for p in plans] == [0, 12, 24, 36, 8]
+    assert sampler.cursor == 0
+    for plan in plans:
+        sampler.commit(plan)
+    assert (sampler.epoch, sampler.cursor) == (plans[-1].epoch_after, plans[-1].cursor_after)
+    with pytest.raises(SamplerError, match="count: must be an int >= 1"):
+        sampler.plan_many(12, 2, 1, 0)
