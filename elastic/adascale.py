@@ -67,6 +67,11 @@ _SQRT_GAIN_OPTIMIZERS = (torch.optim.Adam, torch.optim.AdamW)
 #: for all of them) instead of one op each in the hook; above it the norm's memory traffic dominates.
 SMALL_GRAD_NUMEL = 1 << 15
 
+#: A model with at most this many gradient elements (one dtype, one device) accumulating in one
+#: process keeps its gradients as views of one flat buffer: a micro-batch gradient is then the
+#: buffer's change over one backward pass, so its norm is one op whatever the number of tensors.
+FLAT_MAX_NUMEL = 1 << 18
+
 #: A last DDP bucket up to this many elements carries the statistics inside its own all-reduce
 #: (one copy of the bucket); a larger one gets a second, asynchronous all-reduce of one float.
 PIGGYBACK_MAX_NUMEL = 1 << 18
@@ -142,6 +147,18 @@ class AdaScale:
         # one op inside the comm hook, and the averaged ones after the all-reduce).
         self._mode: str | None = None
         self._step_world_size = 0  # world size read at this step's first hook (0: not yet)
+        # "flat" mode (one process, accumulation, a small model): every .grad is a view of _flat.
+        self._small = _is_small(self._params)  # fits FLAT_MAX_NUMEL in one dtype on one device
+        self._flat: torch.Tensor | None = None  # the gradients, flattened (allocated at first use)
+        self._flat_views: list[torch.Tensor] = []  # .grad of each parameter while installed
+        self._flat_prev: torch.Tensor | None = None  # _flat at the end of the previous backward pass
+        self._flat_prev_zero = True  # ...which was all zeros (no copy taken)
+        self._flat_installed = False  # the views are (meant to be) the parameters' .grad
+        self._flat_none = True  # zeroed views stand for absent gradients (zero_grad(set_to_none=True))
+        self._flat_zero = True  # the buffer is known to be all zeros (zero_grad ran since the last pass)
+        self._flat_was_none: list[bool] = []  # per parameter: no gradient when this step began
+        self._pass_task = -1  # autograd graph task of the backward pass seen last ("flat" mode)
+        self._finite_buffers: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
         self._handles = [p.register_hook(self._make_hook(i)) for i, p in enumerate(self._params)]
 
     # ----------------------------------------------------------------- public read-only state
@@ -217,8 +234,18 @@ class AdaScale:
         self._fixed_scale = float(scale)
 
     def zero_grad(self, set_to_none: bool = True) -> None:
-        """Zero the gradients and forget a half-accumulated step (also after an abandoned step)."""
-        self.optimizer.zero_grad(set_to_none=set_to_none)
+        """Zero the gradients and forget a half-accumulated step (also after an abandoned step).
+
+        A small model accumulating in one process keeps its gradients as views of one buffer,
+        which this zeroes in one op; the inner optimizer still sees ``None`` for a parameter that
+        no backward pass reached when ``set_to_none`` (see ``FLAT_MAX_NUMEL``)."""
+        if self._flat_installed and all(p.grad is v or p.grad is None for p, v in zip(self._params, self._flat_views)):
+            self._flat.zero_()
+            self._flat_none = set_to_none
+            self._flat_zero = True
+        else:
+            self.optimizer.zero_grad(set_to_none=set_to_none)
+            self._flat_zero = False
         self._reset_accumulators()
 
     def attach_ddp(self, model: torch.nn.Module) -> None:
@@ -337,6 +364,13 @@ class AdaScale:
             self._hook_calls[index] += 1
             if self._mode is None:  # decided once per step, at its first hook
                 self._mode = self._collection_mode()
+            if self._mode == "flat":
+                # Backward passes run one after another: the first hook of a new pass sees the
+                # buffer holding exactly the passes before it.
+                task = torch._C._current_graph_task_id()
+                if task != self._pass_task:
+                    self._flat_new_pass(task)
+                return
             if self._mode != "hooks":
                 return
             if grad.numel() <= SMALL_GRAD_NUMEL:
@@ -354,10 +388,104 @@ class AdaScale:
     def _collection_mode(self) -> str:
         self._step_world_size = self._world_size()  # read once per step (a Python call into c10d)
         if self._step_world_size * self.accumulation_steps <= 1:
-            return "off"  # nothing to estimate (NaNs are still caught in g_bar)
-        if self._ddp_group is not None and self._ddp_covers_params and self.accumulation_steps == 1:
-            return "buckets"
-        return "hooks"
+            mode = "off"  # nothing to estimate (NaNs are still caught in g_bar)
+        elif self._ddp_group is not None and self._ddp_covers_params and self.accumulation_steps == 1:
+            mode = "buckets"
+        elif self._small and self._ddp_group is None and self.process_group is None and not _dist_up():
+            mode = "flat"  # one process: nothing but autograd writes into .grad between passes
+        else:
+            mode = "hooks"
+        if mode != "flat" and self._flat_installed:
+            self._flat_uninstall()
+        return mode
+
+    def _finite_check_buffers(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        buffers = self._finite_buffers.get(device)
+        if buffers is None:
+            buffers = self._finite_buffers[device] = (torch.zeros(1, device=device), torch.ones(1, device=device))
+        return buffers
+
+    # ------------------------------------------------------------------------- "flat" mode
+    def _flat_new_pass(self, task: int) -> None:
+        """Called at the first hook of each backward pass: close the previous pass, if any."""
+        first = self._pass_task == -1
+        self._pass_task = task
+        if first:
+            self._flat_install()
+            return
+        flat, prev = self._flat, self._flat_prev
+        self._micro_norms.append(torch.linalg.vector_norm(flat) if self._flat_prev_zero else torch.dist(flat, prev))
+        prev.copy_(flat)
+        self._flat_prev_zero = False
+
+    def _flat_install(self) -> None:
+        """Make every parameter's .grad a view of the flat buffer (before this step's first accumulation)."""
+        if self._flat is None:
+            p0 = self._params[0]
+            self._flat = torch.zeros(sum(p.numel() for p in self._params), dtype=p0.dtype, device=p0.device)
+            self._flat_prev = torch.empty_like(self._flat)
+            offsets = [0]
+            for p in self._params:
+                offsets.append(offsets[-1] + p.numel())
+            self._flat_views = [self._flat[a:b].view_as(p) for p, a, b in zip(self._params, offsets, offsets[1:])]
+        views = self._flat_views
+        zero = self._flat_zero
+        absent = self._flat_none and zero  # what a view that is still in place stands for
+        if self._flat_installed and all(p.grad is v for p, v in zip(self._params, views)):
+            self._flat_was_none = [absent] * len(views)
+        else:  # first step, or a .grad was replaced or dropped since the last zero_grad
+            was_none = []
+            for p, v in zip(self._params, views):
+                g = p.grad
+                if g is not v:
+                    if g is None:
+                        v.zero_()
+                    else:
+                        v.copy_(g)
+                        zero = False
+                    p.grad = v
+                was_none.append(absent if g is v else g is None)
+            self._flat_was_none = was_none
+            self._flat_installed = True
+        self._flat_prev_zero = zero
+        if not zero:  # passes are measured from here
+            self._flat_prev.copy_(self._flat)
+        self._flat_zero = False
+
+    def _flat_uninstall(self) -> None:
+        """Hand each parameter a .grad of its own again (a step in another mode is starting)."""
+        for p, v in zip(self._params, self._flat_views):
+            if p.grad is v:
+                p.grad = None if self._flat_none and self._flat_zero else v.clone()
+        self._flat_installed = False
+
+    def _flat_statistics(self) -> tuple[float, float]:
+        """(sum_i ||g_i / acc||^2, ||g_bar||^2) from the buffer: two ops and one host sync."""
+        flat = self._flat
+        last = torch.linalg.vector_norm(flat) if self._flat_prev_zero else torch.dist(flat, self._flat_prev)
+        values = torch.stack([*self._micro_norms, last, torch.linalg.vector_norm(flat)]).tolist()
+        # A parameter that no pass reached had no gradient: give the inner optimizer None, as without us.
+        if 0 in self._hook_calls:
+            for p, calls, was_none in zip(self._params, self._hook_calls, self._flat_was_none):
+                if calls == 0 and was_none:
+                    p.grad = None
+        return sum(v * v for v in values[:-1]), values[-1] ** 2
+
+    def _grads_finite(self) -> bool:
+        """One gradient per step: only the non-finite check, fused into one op for a small model."""
+        grads = [p.grad for p in self._params if p.grad is not None]
+        if not grads:
+            raise AdaScaleError("step(): no parameter has a gradient; did the loss depend on the model?")
+        if self._small:
+            try:
+                found, one = self._finite_check_buffers(grads[0].device)
+                found.zero_()
+                # Multiplies by 1.0 (exact) and flags any inf/NaN: one fused op on CPU and CUDA.
+                torch._amp_foreach_non_finite_check_and_unscale_(grads, found, one)
+                return found.item() == 0.0
+            except (RuntimeError, AttributeError):  # a dtype or build without the fused kernel
+                pass
+        return all(math.isfinite(v) for v in _stacked(torch._foreach_norm(grads), grads[0].device).tolist())
 
     def _take_local_norms(self) -> list[torch.Tensor]:
         """The micro-batch norms gathered since the last call (the held small gradients normed now)."""
@@ -427,6 +555,11 @@ class AdaScale:
     def _reduced_statistics(self, world_size: int) -> tuple[float, float]:
         """(sum_i ||g_i||^2 over all S gradients, ||g_bar||^2): at most one all-reduce, one host sync."""
         acc2 = float(self.accumulation_steps**2)  # the hooks saw g_i / accumulation_steps
+        if self._mode == "flat":
+            micro_sum, mean_sqnorm = self._flat_statistics()
+            return micro_sum * acc2, mean_sqnorm
+        if self._mode == "off":  # one gradient: nothing to estimate, only the non-finite check
+            return (0.0, 0.0) if self._grads_finite() else (math.nan, math.nan)
         if self._mode == "buckets":
             # Everything came with DDP's all-reduce: the local sums (averaged over ranks) and the
             # squared norms of the averaged buckets.
@@ -479,6 +612,7 @@ class AdaScale:
         self._bucket_mean_sq = []
         self._mode = None
         self._step_world_size = 0
+        self._pass_task = -1
 
     def _group(self) -> Any:
         return self.process_group if self.process_group is not None else dist.group.WORLD
@@ -492,6 +626,19 @@ class AdaScale:
 
     def _num_grads_per_step(self) -> int:
         return self._world_size() * self.accumulation_steps
+
+
+def _dist_up() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
+def _is_small(params: list[torch.Tensor]) -> bool:
+    """Dense floating-point parameters of one dtype on one device, FLAT_MAX_NUMEL elements at most."""
+    if not params:
+        return False
+    p0 = params[0]
+    return (p0.dtype in (torch.float32, torch.float64) and sum(p.numel() for p in params) <= FLAT_MAX_NUMEL
+            and all(p.dtype == p0.dtype and p.device == p0.device and p.layout == torch.strided for p in params))
 
 
 def _stacked(norms: list[torch.Tensor] | tuple[torch.Tensor, ...], device: torch.device) -> torch.Tensor:

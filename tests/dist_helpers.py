@@ -39,10 +39,11 @@ def make_model(dim: int = 6) -> torch.nn.Module:
 
 
 def run_steps(model, opt, ddp_model, micro_for_rank, steps: int, accumulation: int, nan_at_step: int | None = None,
-              no_sync: bool = True):
+              no_sync: bool = True, zero_grad=None):
     """Runs `steps` AdaScale steps; returns [(gain, progress, sigma2, mu2, skipped)] per step.
 
-    ``no_sync=False`` lets DDP all-reduce after every backward pass instead of the last one only."""
+    ``no_sync=False`` lets DDP all-reduce after every backward pass instead of the last one only;
+    ``zero_grad`` replaces ``opt.zero_grad`` after each step."""
     history = []
     for step in range(steps):
         micro = micro_for_rank(step)
@@ -57,7 +58,7 @@ def run_steps(model, opt, ddp_model, micro_for_rank, steps: int, accumulation: i
                     loss = loss * float("nan")
                 (loss / accumulation).backward()
         took = opt.step()
-        opt.zero_grad()
+        (zero_grad or opt.zero_grad)()
         history.append((opt.gain, opt.progress, opt.grad_variance, opt.grad_sqnorm, not took))
     return history
 

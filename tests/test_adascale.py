@@ -192,6 +192,54 @@ def test_nonfinite_gradient_skips_step_and_keeps_estimates():
     assert opt.steps == 2
 
 
+def _mixed_usage_run(flat: bool, monkeypatch) -> tuple[list, list, list[bool]]:
+    """Steps with accumulation, the caller's own zeroing, no zeroing, S=1, NaNs and unused params."""
+    from elastic import adascale as adascale_module
+
+    monkeypatch.setattr(adascale_module, "FLAT_MAX_NUMEL", 1 << 18 if flat else 0)
+    model = dh.make_model()
+    unused = torch.nn.Parameter(torch.ones(3))
+    opt = AdaScale(torch.optim.SGD([*model.parameters(), unused], lr=0.05, momentum=0.9, weight_decay=1e-2),
+                   accumulation_steps=3)
+    history, absent = [], []
+
+    def steps(first: int, count: int, acc: int, zero=opt.zero_grad, nan_at=None):
+        history.extend(dh.run_steps(model, opt, model, lambda s: dh.micro_batches(first + s, acc), count, acc,
+                                    nan_at_step=nan_at, zero_grad=zero))
+        absent.append(unused.grad is None)
+
+    steps(0, 3, 3)
+    steps(3, 2, 3, zero=model.zero_grad, nan_at=1)  # the caller zeroes (set_to_none) instead
+    steps(5, 2, 3, zero=lambda: None)  # no zeroing between steps: the old g_bar stays in .grad
+    opt.zero_grad(set_to_none=False)
+    opt.set_scale(1, accumulation_steps=1)
+    steps(7, 3, 1, nan_at=1)  # one gradient per step: only the non-finite check
+    opt.set_scale(2, accumulation_steps=2)
+    steps(10, 3, 2)
+    if flat:  # the mode under test was really used: .grad lives in the flat buffer
+        storage = opt._flat.untyped_storage().data_ptr()
+        assert all(p.grad.untyped_storage().data_ptr() == storage for p in model.parameters())
+    return history, [p.detach().clone() for p in (*model.parameters(), unused)], absent
+
+
+def test_flat_gradient_buffer_matches_per_tensor_norms(monkeypatch):
+    """A small model accumulating in one process keeps .grad as views of one buffer and measures each
+    micro-batch as the buffer's change over its pass: same gains, skips and weights as per-tensor
+    norms, and an unused parameter still reaches the inner optimizer as None."""
+    flat_hist, flat_weights, flat_absent = _mixed_usage_run(True, monkeypatch)
+    ref_hist, ref_weights, ref_absent = _mixed_usage_run(False, monkeypatch)
+    assert [h[4] for h in flat_hist] == [h[4] for h in ref_hist]
+    assert sum(h[4] for h in flat_hist) == 2  # both NaN steps were skipped
+    for got, want in zip(flat_hist, ref_hist):
+        assert got[:4] == pytest.approx(want[:4], rel=1e-5, abs=1e-7)
+    assert flat_hist[-1][0] > 1.0
+    for got, want in zip(flat_weights, ref_weights):
+        assert torch.allclose(got, want, atol=1e-6)
+    assert flat_absent == ref_absent
+    assert flat_absent[:2] == [True, True]  # and the unused weights were never decayed
+    assert torch.equal(flat_weights[-1], torch.ones(3))
+
+
 def test_adam_uses_square_root_gain():
     w = torch.nn.Parameter(torch.zeros(2))
     opt = AdaScale(torch.optim.Adam([w], lr=0.01), accumulation_steps=2)
