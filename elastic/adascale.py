@@ -159,7 +159,10 @@ class AdaScale:
         self._flat_was_none: list[bool] = []  # per parameter: no gradient when this step began
         self._pass_task = -1  # autograd graph task of the backward pass seen last ("flat" mode)
         self._finite_buffers: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
-        self._handles = [p.register_hook(self._make_hook(i)) for i, p in enumerate(self._params)]
+        # Tensor hooks only while a step averages several gradients (S > 1); re-armed when it does.
+        self._handles: list[Any] = []
+        self._hooks_wanted = True  # False after remove_hooks()
+        self._arm_hooks()
 
     # ----------------------------------------------------------------- public read-only state
     @property
@@ -232,6 +235,7 @@ class AdaScale:
                 raise AdaScaleError(f"accumulation_steps: must be an integer >= 1, got {accumulation_steps!r}")
             self.accumulation_steps = accumulation_steps
         self._fixed_scale = float(scale)
+        self._arm_hooks()
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         """Zero the gradients and forget a half-accumulated step (also after an abandoned step).
@@ -247,6 +251,7 @@ class AdaScale:
             self.optimizer.zero_grad(set_to_none=set_to_none)
             self._flat_zero = False
         self._reset_accumulators()
+        self._arm_hooks()
 
     def attach_ddp(self, model: torch.nn.Module) -> None:
         """Carry the statistics inside ``model``'s own gradient all-reduce (a DDP comm hook).
@@ -267,27 +272,51 @@ class AdaScale:
         self._ddp_covers_params = {id(p) for p in model.parameters() if p.requires_grad} == {id(p) for p in self._params}
 
     def remove_hooks(self) -> None:
-        for handle in self._handles:
-            handle.remove()
-        self._handles = []
+        """Stop measuring: later steps apply the gain of the estimates so far."""
+        self._hooks_wanted = False
+        self._set_hooks(False)
+
+    def _arm_hooks(self) -> None:
+        """Hooks for the next step when it averages several gradients; none when S = 1 (the
+        autograd-to-Python call per tensor is then the whole cost). The world size is read here,
+        after a step and at zero_grad; a step whose world grew unseen gets no estimate of its own."""
+        self._set_hooks(self._hooks_wanted and self._world_size() * self.accumulation_steps > 1)
+
+    def _set_hooks(self, on: bool) -> None:
+        if on and not self._handles:
+            self._handles = [p.register_hook(self._make_hook(i)) for i, p in enumerate(self._params)]
+        elif not on and self._handles:
+            for handle in self._handles:
+                handle.remove()
+            self._handles = []
+            if self._flat_installed:
+                self._flat_uninstall()
 
     def step(self, closure: None = None) -> bool:
         """Apply one AdaScale step. Returns False when the step was skipped (non-finite gradients)."""
         if closure is not None:
             raise AdaScaleError("step(closure): closures are not supported; run the backward passes first")
-        backward_passes = max(self._hook_calls, default=0)
-        if backward_passes == 0:
-            raise AdaScaleError("step() called before any backward pass; call loss.backward() first")
-        if backward_passes != self.accumulation_steps:
-            raise AdaScaleError(
-                f"accumulation_steps={self.accumulation_steps} but {backward_passes} backward passes ran "
-                "since the last step; run exactly accumulation_steps backward passes per step"
-            )
+        hooked = bool(self._handles)
+        if hooked:
+            backward_passes = max(self._hook_calls, default=0)
+            if backward_passes == 0:
+                raise AdaScaleError("step() called before any backward pass; call loss.backward() first")
+            if backward_passes != self.accumulation_steps:
+                raise AdaScaleError(
+                    f"accumulation_steps={self.accumulation_steps} but {backward_passes} backward passes ran "
+                    "since the last step; run exactly accumulation_steps backward passes per step"
+                )
         world_size = self._step_world_size or self._world_size()
         num_grads = world_size * self.accumulation_steps
         scale = self._fixed_scale if self._fixed_scale is not None else float(num_grads)
-        micro_sqnorm_sum, mean_sqnorm = self._reduced_statistics(world_size)
+        if hooked:
+            micro_sqnorm_sum, mean_sqnorm = self._reduced_statistics(world_size)
+        else:  # no hooks ran (S was 1 when the step began): nothing measured, only the non-finite check
+            micro_sqnorm_sum, mean_sqnorm = (0.0, 0.0) if self._grads_finite() else (math.nan, math.nan)
+            num_grads = 1
         self._reset_accumulators()
+        if not hooked:
+            self._arm_hooks()
 
         if not (math.isfinite(micro_sqnorm_sum) and math.isfinite(mean_sqnorm)):
             self._skipped_steps += 1
@@ -475,7 +504,8 @@ class AdaScale:
         """One gradient per step: only the non-finite check, fused into one op for a small model."""
         grads = [p.grad for p in self._params if p.grad is not None]
         if not grads:
-            raise AdaScaleError("step(): no parameter has a gradient; did the loss depend on the model?")
+            raise AdaScaleError("step() called before any backward pass (no parameter has a gradient); "
+                                "call loss.backward() first")
         if self._small:
             try:
                 found, one = self._finite_check_buffers(grads[0].device)

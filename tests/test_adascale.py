@@ -240,6 +240,41 @@ def test_flat_gradient_buffer_matches_per_tensor_norms(monkeypatch):
     assert torch.equal(flat_weights[-1], torch.ones(3))
 
 
+def test_no_hooks_while_one_gradient_per_step(monkeypatch):
+    """S = 1 costs no tensor hooks; they are armed again when S grows (also unseen, between steps)."""
+    torch.manual_seed(6)
+    w = torch.nn.Parameter(torch.zeros(4))
+    opt = AdaScale(torch.optim.SGD([w], lr=0.01))
+    assert opt._handles == []
+    with pytest.raises(AdaScaleError, match="before any backward"):
+        opt.step()
+    assert linear_param_step(opt, w, [torch.randn(4)]) and opt.gain == 1.0
+    assert not linear_param_step(opt, w, [torch.tensor([float("nan"), 0, 0, 0])])
+    opt.set_scale(2, accumulation_steps=2)
+    assert len(opt._handles) == 1
+    for _ in range(3):
+        linear_param_step(opt, w, [torch.randn(4) + 1.0 for _ in range(2)])
+    estimates = (opt.num_estimates, opt.grad_variance, opt.grad_sqnorm)
+    opt.set_scale(1, accumulation_steps=1)
+    assert opt._handles == []
+    # The process group grows to 2 ranks after zero_grad looked: this step measured nothing, so it
+    # applies the gain the estimates predict at S = 2, and the next step is measured again.
+    monkeypatch.setattr(opt, "_world_size", lambda: 2)
+    opt._fixed_scale = None
+    (w @ torch.randn(4)).backward()
+    assert opt.step()
+    assert (opt.num_estimates, opt.grad_variance, opt.grad_sqnorm) == estimates
+    assert opt.gain == pytest.approx(gain_ratio(estimates[1], estimates[2], 2))
+    assert len(opt._handles) == 1
+    opt.zero_grad()
+    (w @ torch.randn(4)).backward()
+    opt.step()
+    assert opt.num_estimates == estimates[0] + 1
+    opt.remove_hooks()
+    opt.zero_grad()
+    assert opt._handles == []
+
+
 def test_adam_uses_square_root_gain():
     w = torch.nn.Parameter(torch.zeros(2))
     opt = AdaScale(torch.optim.Adam([w], lr=0.01), accumulation_steps=2)
