@@ -133,7 +133,7 @@ class AdaScale:
         # Per-step accumulators, filled by the gradient hooks.
         self._params = [p for g in optimizer.param_groups for p in g["params"] if p.requires_grad]
         self._hook_calls = [0] * len(self._params)
-        self._micro_norms: list[torch.Tensor] = []  # ||g_i / accumulation_steps|| per tensor and pass (local)
+        self._micro_norms: list[torch.Tensor] = []  # ||g_i / acc|| per tensor and pass (local); "flat": squared, per pass
         self._held: list[torch.Tensor] = []  # small g_i / accumulation_steps, normed together later
         self._delivered: list[torch.Tensor] = []  # micro sums already averaged over ranks by DDP's hook
         self._bucket_sq: list[torch.Tensor] = []  # "buckets" mode: ||local bucket||^2 per bucket, this pass
@@ -442,10 +442,17 @@ class AdaScale:
         if first:
             self._flat_install()
             return
-        flat, prev = self._flat, self._flat_prev
-        self._micro_norms.append(torch.linalg.vector_norm(flat) if self._flat_prev_zero else torch.dist(flat, prev))
-        prev.copy_(flat)
+        self._micro_norms.append(self._flat_pass_sqnorm())
+        self._flat_prev.copy_(self._flat)
         self._flat_prev_zero = False
+
+    def _flat_pass_sqnorm(self) -> torch.Tensor:
+        """||buffer - buffer at the previous boundary||^2: this pass's gradient (in place, 2 ops)."""
+        flat, prev = self._flat, self._flat_prev
+        if self._flat_prev_zero:
+            return torch.dot(flat, flat)
+        diff = prev.sub_(flat)  # -(this pass's gradient); the snapshot is taken again after it
+        return torch.dot(diff, diff)
 
     def _flat_install(self) -> None:
         """Make every parameter's .grad a view of the flat buffer (before this step's first accumulation)."""
@@ -489,16 +496,16 @@ class AdaScale:
         self._flat_installed = False
 
     def _flat_statistics(self) -> tuple[float, float]:
-        """(sum_i ||g_i / acc||^2, ||g_bar||^2) from the buffer: two ops and one host sync."""
+        """(sum_i ||g_i / acc||^2, ||g_bar||^2) from the buffer: four ops and one host sync."""
         flat = self._flat
-        last = torch.linalg.vector_norm(flat) if self._flat_prev_zero else torch.dist(flat, self._flat_prev)
-        values = torch.stack([*self._micro_norms, last, torch.linalg.vector_norm(flat)]).tolist()
+        # Squared norms here (dots), not norms: one op each.
+        values = torch.stack([*self._micro_norms, self._flat_pass_sqnorm(), torch.dot(flat, flat)]).tolist()
         # A parameter that no pass reached had no gradient: give the inner optimizer None, as without us.
         if 0 in self._hook_calls:
             for p, calls, was_none in zip(self._params, self._hook_calls, self._flat_was_none):
                 if calls == 0 and was_none:
                     p.grad = None
-        return sum(v * v for v in values[:-1]), values[-1] ** 2
+        return sum(values[:-1]), values[-1]
 
     def _grads_finite(self) -> bool:
         """One gradient per step: only the non-finite check, fused into one op for a small model."""
