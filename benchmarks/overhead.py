@@ -388,10 +388,13 @@ def format_report(results: Sequence[OverheadResult], steps: int, warmup: int, wa
         lines += [
             "## Where the extra time goes (one process, wall-clock medians per step)",
             "",
-            "hooks: the gradient hooks' bodies (a norm per parameter tensor per micro-batch); statistics: "
-            "norms of the averaged gradient and the one host sync; step bookkeeping: the rest of "
-            "AdaScale.step outside the inner SGD step; rest: extra time outside AdaScale's Python code "
-            "(autograd calling the Python hooks, cache effects) and noise.",
+            "hooks: the gradient hooks' bodies (a small model in one process: noticing each new backward "
+            "pass and norming the finished one in the flat gradient buffer; otherwise keeping small "
+            "gradients and norming large ones); statistics: the last pass's and the averaged gradient's "
+            "norms and the one host sync; step bookkeeping: the rest of AdaScale.step outside the inner "
+            "SGD step (with S = 1 there are no hooks, and the fused non-finite check is counted here); "
+            "rest: extra time outside AdaScale's Python code (autograd calling the Python hooks, in-place "
+            "accumulation into the buffer, cache effects) and noise.",
             "",
             format_breakdown(breakdowns),
         ]

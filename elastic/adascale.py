@@ -40,12 +40,17 @@ Conventions chosen here:
 - Non-finite gradients skip the step on every rank (the check is part of the one all-reduce),
   leave the estimates, tau and the inner optimizer untouched, and are counted in ``skipped_steps``.
 
-Cost (``benchmarks/overhead.py`` measures it): a gradient hook per parameter tensor per backward
-pass. Small gradients are only kept (a reference) and normed all together once per step, one op for
-every small tensor of every pass; large ones are normed in the hook, where the memory traffic of the
-norm dwarfs the call. Under DDP, ``attach_ddp(model)`` folds the local sum of squared norms into
-DDP's own all-reduce of its last gradient bucket (a DDP communication hook), so a step adds no
-collective at all; without it, ``step()`` runs one all-reduce of two floats.
+Cost (``benchmarks/overhead.py`` measures it): while S = 1 no hook is registered and a step adds
+one fused non-finite check. With S > 1, a gradient hook per parameter tensor per backward pass:
+
+- one process, a small model (``FLAT_MAX_NUMEL``): every ``.grad`` is a view of one flat buffer, so
+  a micro-batch gradient is the buffer's change over its backward pass; the hook only notices a new
+  pass, and each pass costs two ops whatever the number of tensors;
+- otherwise small gradients are only kept (a reference) and normed all together once per step;
+  large ones are normed in the hook, where the memory traffic of the norm dwarfs the call;
+- under DDP, ``attach_ddp(model)`` folds the local sum of squared norms into DDP's own all-reduce
+  of its last gradient bucket (a DDP communication hook), so a step adds no collective at all;
+  without it, ``step()`` runs one all-reduce of two floats.
 """
 
 from __future__ import annotations
@@ -420,8 +425,8 @@ class AdaScale:
             mode = "off"  # nothing to estimate (NaNs are still caught in g_bar)
         elif self._ddp_group is not None and self._ddp_covers_params and self.accumulation_steps == 1:
             mode = "buckets"
-        elif self._small and self._ddp_group is None and self.process_group is None and not _dist_up():
-            mode = "flat"  # one process: nothing but autograd writes into .grad between passes
+        elif self._small and self._step_world_size == 1 and self._ddp_group is None:
+            mode = "flat"  # one process: its gradients are the average; no comm hook to serve
         else:
             mode = "hooks"
         if mode != "flat" and self._flat_installed:
@@ -663,10 +668,6 @@ class AdaScale:
 
     def _num_grads_per_step(self) -> int:
         return self._world_size() * self.accumulation_steps
-
-
-def _dist_up() -> bool:
-    return dist.is_available() and dist.is_initialized()
 
 
 def _is_small(params: list[torch.Tensor]) -> bool:
