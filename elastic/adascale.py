@@ -167,6 +167,8 @@ class AdaScale:
         # Tensor hooks only while a step averages several gradients (S > 1); re-armed when it does.
         self._handles: list[Any] = []
         self._hooks_wanted = True  # False after remove_hooks()
+        self._armed_buckets = False  # this step is measured in the DDP comm hook alone ("buckets")
+        self._bucket_passes = 0  # last buckets the comm hook saw this step (synced backward passes)
         self._arm_hooks()
 
     # ----------------------------------------------------------------- public read-only state
@@ -275,6 +277,7 @@ class AdaScale:
         self._ddp_group = model.process_group
         self._ddp_world_size = dist.get_world_size(model.process_group)  # fixed for the group's life
         self._ddp_covers_params = {id(p) for p in model.parameters() if p.requires_grad} == {id(p) for p in self._params}
+        self._arm_hooks()
 
     def remove_hooks(self) -> None:
         """Stop measuring: later steps apply the gain of the estimates so far."""
@@ -282,10 +285,17 @@ class AdaScale:
         self._set_hooks(False)
 
     def _arm_hooks(self) -> None:
-        """Hooks for the next step when it averages several gradients; none when S = 1 (the
-        autograd-to-Python call per tensor is then the whole cost). The world size is read here,
-        after a step and at zero_grad; a step whose world grew unseen gets no estimate of its own."""
-        self._set_hooks(self._hooks_wanted and self._world_size() * self.accumulation_steps > 1)
+        """Tensor hooks for the next step when it averages several gradients in a way only they can
+        see. None when S = 1 (the autograd-to-Python call per tensor would be the whole cost) and none
+        when an attached DDP model with one backward pass per step shows every bucket to the comm
+        hook. The world size is read here, after a step, at zero_grad and at set_scale/attach_ddp; a
+        step whose world grew unseen gets no estimate of its own."""
+        world_size = self._world_size()
+        several = self._hooks_wanted and world_size * self.accumulation_steps > 1
+        self._armed_buckets = several and (
+            self._ddp_group is not None and self._ddp_covers_params and self.accumulation_steps == 1
+            and self._ddp_world_size == world_size)
+        self._set_hooks(several and not self._armed_buckets)
 
     def _set_hooks(self, on: bool) -> None:
         if on and not self._handles:
@@ -302,8 +312,12 @@ class AdaScale:
         if closure is not None:
             raise AdaScaleError("step(closure): closures are not supported; run the backward passes first")
         hooked = bool(self._handles)
-        if hooked:
-            backward_passes = max(self._hook_calls, default=0)
+        if hooked or self._armed_buckets:
+            if hooked:
+                backward_passes = max(self._hook_calls, default=0)
+            else:  # counted by the comm hook; a pass under no_sync is not seen (nor allowed: one per step)
+                backward_passes = self._bucket_passes
+                self._mode, self._step_world_size = "buckets", self._ddp_world_size
             if backward_passes == 0:
                 raise AdaScaleError("step() called before any backward pass; call loss.backward() first")
             if backward_passes != self.accumulation_steps:
@@ -314,13 +328,14 @@ class AdaScale:
         world_size = self._step_world_size or self._world_size()
         num_grads = world_size * self.accumulation_steps
         scale = self._fixed_scale if self._fixed_scale is not None else float(num_grads)
-        if hooked:
+        measured = hooked or self._armed_buckets
+        if measured:
             micro_sqnorm_sum, mean_sqnorm = self._reduced_statistics(world_size)
         else:  # no hooks ran (S was 1 when the step began): nothing measured, only the non-finite check
             micro_sqnorm_sum, mean_sqnorm = (0.0, 0.0) if self._grads_finite() else (math.nan, math.nan)
             num_grads = 1
         self._reset_accumulators()
-        if not hooked:
+        if not hooked:  # re-read the world size (no tensor hook did at this step's start)
             self._arm_hooks()
 
         if not (math.isfinite(micro_sqnorm_sum) and math.isfinite(mean_sqnorm)):
@@ -550,7 +565,9 @@ class AdaScale:
         group = self._ddp_group
         world_size = self._ddp_world_size
         buffer = bucket.buffer()
-        mode = self._mode
+        mode = self._mode or ("buckets" if self._armed_buckets else None)
+        if bucket.is_last():
+            self._bucket_passes += 1
         local: torch.Tensor | None = None
         if mode == "buckets":
             self._bucket_sq.append(_sqnorm(buffer))  # this rank's gradient: one of the S samples
@@ -655,6 +672,7 @@ class AdaScale:
         self._mode = None
         self._step_world_size = 0
         self._pass_task = -1
+        self._bucket_passes = 0
 
     def _group(self) -> Any:
         return self.process_group if self.process_group is not None else dist.group.WORLD

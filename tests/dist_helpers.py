@@ -89,7 +89,8 @@ def ddp_worker(rank: int, world_size: int, port: int, accumulation: int, steps: 
 
         hist = run_steps(model, opt, ddp, mine, steps, accumulation, nan_at_step=nan_step if rank == nan_rank else None,
                          no_sync=no_sync)
-        torch.save({"history": hist, "params": [p.detach().clone() for p in model.parameters()]},
+        torch.save({"history": hist, "params": [p.detach().clone() for p in model.parameters()],
+                    "tensor_hooks": len(opt._handles)},
                    os.path.join(out_dir, f"rank{rank}.pt"))
     finally:
         dist.destroy_process_group()
