@@ -319,7 +319,8 @@ class AdaScale:
                 backward_passes = self._bucket_passes
                 self._mode, self._step_world_size = "buckets", self._ddp_world_size
             if backward_passes == 0:
-                raise AdaScaleError("step() called before any backward pass; call loss.backward() first")
+                raise AdaScaleError("step() called before any backward pass (or with every pass under DDP's "
+                                    "no_sync); call loss.backward() first")
             if backward_passes != self.accumulation_steps:
                 raise AdaScaleError(
                     f"accumulation_steps={self.accumulation_steps} but {backward_passes} backward passes ran "
