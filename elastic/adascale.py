@@ -169,6 +169,7 @@ class AdaScale:
         self._hooks_wanted = True  # False after remove_hooks()
         self._armed_buckets = False  # this step is measured in the DDP comm hook alone ("buckets")
         self._bucket_passes = 0  # last buckets the comm hook saw this step (synced backward passes)
+        self._step_unmeasured = False  # this step's statistics could not be trusted: no estimate folded
         self._arm_hooks()
 
     # ----------------------------------------------------------------- public read-only state
@@ -330,6 +331,7 @@ class AdaScale:
         num_grads = world_size * self.accumulation_steps
         scale = self._fixed_scale if self._fixed_scale is not None else float(num_grads)
         measured = hooked or self._armed_buckets
+        self._step_unmeasured = False
         if measured:
             micro_sqnorm_sum, mean_sqnorm = self._reduced_statistics(world_size)
         else:  # no hooks ran (S was 1 when the step began): nothing measured, only the non-finite check
@@ -343,7 +345,7 @@ class AdaScale:
             self._skipped_steps += 1
             return False
 
-        if num_grads > 1:
+        if num_grads > 1 and not self._step_unmeasured:
             # Unbiased estimators from the num_grads scale-1 gradients of this step (PAPER.md):
             # sigma2_hat = (sum_i ||g_i||^2 - S ||g_bar||^2) / (S - 1);  mu2_hat = ||g_bar||^2 - sigma2_hat / S
             sigma2_hat = (micro_sqnorm_sum - num_grads * mean_sqnorm) / (num_grads - 1)
@@ -519,6 +521,13 @@ class AdaScale:
     def _flat_statistics(self) -> tuple[float, float]:
         """(sum_i ||g_i / acc||^2, ||g_bar||^2) from the buffer: four ops and one host sync."""
         flat = self._flat
+        if not all(p.grad is v for p, v in zip(self._params, self._flat_views)):
+            # A .grad was replaced (not updated in place) during the step: later passes may have gone
+            # into it instead of the buffer. Measure nothing this step; check what the optimizer gets.
+            self._flat_installed = False  # re-installed at the next step's first pass
+            self._step_unmeasured = True
+            grads = [p.grad for p in self._params if p.grad is not None]
+            return 0.0, sum(v * v for v in _stacked(torch._foreach_norm(grads), flat.device).tolist())
         # Squared norms here (dots), not norms: one op each.
         values = torch.stack([*self._micro_norms, self._flat_pass_sqnorm(), torch.dot(flat, flat)]).tolist()
         # A parameter that no pass reached had no gradient: give the inner optimizer None, as without us.

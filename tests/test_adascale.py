@@ -240,6 +240,33 @@ def test_flat_gradient_buffer_matches_per_tensor_norms(monkeypatch):
     assert torch.equal(flat_weights[-1], torch.ones(3))
 
 
+def test_grad_replaced_during_a_flat_step_is_not_measured():
+    """Replacing a .grad (not in place) between the passes of a step hides the later passes from the
+    flat buffer: that step folds no estimate, updates with the gradient the caller left, and the next
+    step is measured again."""
+    torch.manual_seed(7)
+    w = torch.nn.Parameter(torch.zeros(4))
+    ref = torch.nn.Parameter(torch.zeros(4))
+    opt = AdaScale(torch.optim.SGD([w], lr=0.1), accumulation_steps=2)
+    plain = torch.optim.SGD([ref], lr=0.1)
+    linear_param_step(opt, w, [torch.randn(4) + 1.0 for _ in range(2)])
+    ref.data.copy_(w.data)
+    assert opt.num_estimates == 1
+    grads = [torch.randn(4) + 1.0 for _ in range(2)]
+    (w @ grads[0] / 2).backward()
+    w.grad = w.grad.clone()  # the caller swaps the tensor; pass 2 accumulates into the new one
+    (w @ grads[1] / 2).backward()
+    assert opt.step()
+    assert opt.num_estimates == 1
+    plain.param_groups[0]["lr"] = 0.1 * opt.gain
+    ref.grad = (grads[0] + grads[1]) / 2
+    plain.step()
+    assert torch.allclose(w.detach(), ref.detach(), atol=1e-6)
+    opt.zero_grad()
+    linear_param_step(opt, w, [torch.randn(4) + 1.0 for _ in range(2)])
+    assert opt.num_estimates == 2
+
+
 def test_no_hooks_while_one_gradient_per_step(monkeypatch):
     """S = 1 costs no tensor hooks; they are armed again when S grows (also unseen, between steps)."""
     torch.manual_seed(6)
