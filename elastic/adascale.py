@@ -521,13 +521,17 @@ class AdaScale:
     def _flat_statistics(self) -> tuple[float, float]:
         """(sum_i ||g_i / acc||^2, ||g_bar||^2) from the buffer: four ops and one host sync."""
         flat = self._flat
-        if not all(p.grad is v for p, v in zip(self._params, self._flat_views)):
-            # A .grad was replaced (not updated in place) during the step: later passes may have gone
-            # into it instead of the buffer. Measure nothing this step; check what the optimizer gets.
+        replaced = [(p.grad, v) for p, v in zip(self._params, self._flat_views) if p.grad is not v]
+        if replaced:
             self._flat_installed = False  # re-installed at the next step's first pass
-            self._step_unmeasured = True
-            grads = [p.grad for p in self._params if p.grad is not None]
-            return 0.0, sum(v * v for v in _stacked(torch._foreach_norm(grads), flat.device).tolist())
+            # Someone put another tensor in .grad during the step. If it holds what the buffer holds
+            # (DDP with gradient_as_bucket_view at world size 1 copies it into its bucket), every
+            # pass went into the buffer. Otherwise later passes may have gone into the new tensor:
+            # measure nothing this step and check what the optimizer gets.
+            if not all(g is not None and torch.equal(g, v) for g, v in replaced):
+                self._step_unmeasured = True
+                grads = [p.grad for p in self._params if p.grad is not None]
+                return 0.0, sum(v * v for v in _stacked(torch._foreach_norm(grads), flat.device).tolist())
         # Squared norms here (dots), not norms: one op each.
         values = torch.stack([*self._micro_norms, self._flat_pass_sqnorm(), torch.dot(flat, flat)]).tolist()
         # A parameter that no pass reached had no gradient: give the inner optimizer None, as without us.
