@@ -531,7 +531,7 @@ class AdaScale:
             if not all(g is not None and torch.equal(g, v) for g, v in replaced):
                 self._step_unmeasured = True
                 grads = [p.grad for p in self._params if p.grad is not None]
-                return 0.0, sum(v * v for v in _stacked(torch._foreach_norm(grads), flat.device).tolist())
+                return 0.0, _sum_of_squares(torch._foreach_norm(grads), flat.device).item()
         # Squared norms here (dots), not norms: one op each.
         values = torch.stack([*self._micro_norms, self._flat_pass_sqnorm(), torch.dot(flat, flat)]).tolist()
         # A parameter that no pass reached had no gradient: give the inner optimizer None, as without us.
