@@ -56,6 +56,7 @@ one fused non-finite check. With S > 1, a gradient hook per parameter tensor per
 from __future__ import annotations
 
 import math
+import weakref
 from typing import Any, Callable
 
 import torch
@@ -146,6 +147,9 @@ class AdaScale:
         self._ddp_group: Any = None  # set by attach_ddp
         self._ddp_world_size = 1
         self._ddp_covers_params = False  # the attached DDP model holds exactly this optimizer's params
+        self._ddp_model: Callable[[], Any] | None = None  # weak reference to the attached DDP model
+        self._ddp_flat_ok = False  # the attached model can leave its gradient all-reduce to step()
+        self._flat_sync = False  # armed: DDP's reducer is idle and step() all-reduces the flat buffer
         # How this step gathers its statistics, decided at its first hook: "off" (one gradient per
         # step: nothing to estimate), "hooks" (tensor hooks norm every micro-batch gradient) or
         # "buckets" (DDP, one backward pass per step: each bucket's local gradients are normed in
@@ -155,6 +159,7 @@ class AdaScale:
         # "flat" mode (one process, accumulation, a small model): every .grad is a view of _flat.
         self._small = _is_small(self._params)  # fits FLAT_MAX_NUMEL in one dtype on one device
         self._flat: torch.Tensor | None = None  # the gradients, flattened (allocated at first use)
+        self._flat_full: torch.Tensor | None = None  # _flat, then 1 + len(params) floats of statistics
         self._flat_views: list[torch.Tensor] = []  # .grad of each parameter while installed
         self._flat_prev: torch.Tensor | None = None  # _flat at the end of the previous backward pass
         self._flat_prev_zero = True  # ...which was all zeros (no copy taken)
@@ -163,6 +168,9 @@ class AdaScale:
         self._flat_zero = True  # the buffer is known to be all zeros (zero_grad ran since the last pass)
         self._flat_was_none: list[bool] = []  # per parameter: no gradient when this step began
         self._pass_task = -1  # autograd graph task of the backward pass seen last ("flat" mode)
+        self._flat_passes = 0  # backward passes seen this step ("flat" mode)
+        self._flat_reduced: torch.Tensor | None = None  # attached DDP: [stats tail, ||g_bar||^2], all-reduced
+        self._flat_unmeasured = False  # a .grad was replaced before the all-reduce: no estimate this step
         self._finite_buffers: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
         # Tensor hooks only while a step averages several gradients (S > 1); re-armed when it does.
         self._handles: list[Any] = []
@@ -262,12 +270,20 @@ class AdaScale:
         self._arm_hooks()
 
     def attach_ddp(self, model: torch.nn.Module) -> None:
-        """Carry the statistics inside ``model``'s own gradient all-reduce (a DDP comm hook).
+        """Carry the statistics inside ``model``'s gradient all-reduce: a step adds no collective.
 
         ``model`` is the ``DistributedDataParallel`` wrapper around the parameters this optimizer
-        updates. Afterwards a step needs no all-reduce of its own: the local sum of squared
-        micro-batch norms rides along with the last gradient bucket. DDP takes one comm hook per
-        model, so this fails on a model that already has one.
+        updates. DDP takes one comm hook per model, so this fails on a model that already has one.
+
+        - A small model (``FLAT_MAX_NUMEL``; no ``static_graph``, no DDP mixed precision), which DDP
+          reduces as one bucket anyway: AdaScale does the gradient all-reduce itself, in ``step()``.
+          Its gradients are views of one flat buffer with the statistics appended, and one
+          all-reduce averages both, as DDP would (divide, then sum). DDP's reducer stays idle
+          (``require_backward_grad_sync`` is False, as inside ``no_sync``); buffers are still
+          broadcast at the first forward of each step. ``remove_hooks()`` hands the all-reduce
+          back to DDP.
+        - Otherwise a DDP comm hook: the local sum of squared micro-batch norms rides along with
+          the last gradient bucket.
         """
         if not isinstance(model, torch.nn.parallel.DistributedDataParallel):
             raise AdaScaleError(f"attach_ddp: expected a DistributedDataParallel model, got {type(model).__name__}")
@@ -278,12 +294,17 @@ class AdaScale:
         self._ddp_group = model.process_group
         self._ddp_world_size = dist.get_world_size(model.process_group)  # fixed for the group's life
         self._ddp_covers_params = {id(p) for p in model.parameters() if p.requires_grad} == {id(p) for p in self._params}
+        if self._ddp_model is not None and self._ddp_model() is not None:
+            self._set_ddp_sync(True)  # a model attached before gets its own all-reduce back
+        self._ddp_model = weakref.ref(model)
+        self._ddp_flat_ok = (self._small and self._ddp_covers_params and not getattr(model, "static_graph", False)
+                             and getattr(model, "mixed_precision", None) is None)
         self._arm_hooks()
 
     def remove_hooks(self) -> None:
         """Stop measuring: later steps apply the gain of the estimates so far."""
         self._hooks_wanted = False
-        self._set_hooks(False)
+        self._arm_hooks()
 
     def _arm_hooks(self) -> None:
         """Tensor hooks for the next step when it averages several gradients in a way only they can
@@ -293,10 +314,17 @@ class AdaScale:
         step whose world grew unseen gets no estimate of its own."""
         world_size = self._world_size()
         several = self._hooks_wanted and world_size * self.accumulation_steps > 1
-        self._armed_buckets = several and (
-            self._ddp_group is not None and self._ddp_covers_params and self.accumulation_steps == 1
-            and self._ddp_world_size == world_size)
+        ddp_current = self._ddp_group is not None and self._ddp_covers_params and self._ddp_world_size == world_size
+        self._flat_sync = several and ddp_current and self._ddp_flat_ok
+        self._armed_buckets = several and ddp_current and self.accumulation_steps == 1 and not self._flat_sync
         self._set_hooks(several and not self._armed_buckets)
+        self._set_ddp_sync(not self._flat_sync)
+
+    def _set_ddp_sync(self, on: bool) -> None:
+        """Let the attached DDP model all-reduce its gradients (on) or leave it to step() (off)."""
+        model = self._ddp_model() if self._ddp_model is not None else None
+        if model is not None and model.require_backward_grad_sync != on:
+            model.require_backward_grad_sync = on
 
     def _set_hooks(self, on: bool) -> None:
         if on and not self._handles:
@@ -441,9 +469,12 @@ class AdaScale:
         self._step_world_size = self._world_size()  # read once per step (a Python call into c10d)
         if self._step_world_size * self.accumulation_steps <= 1:
             mode = "off"  # nothing to estimate (NaNs are still caught in g_bar)
+        elif self._flat_sync:
+            mode = "flat"  # attached DDP, small model: step() all-reduces the buffer and the statistics
         elif self._ddp_group is not None and self._ddp_covers_params and self.accumulation_steps == 1:
             mode = "buckets"
-        elif self._small and self._step_world_size == 1 and self._ddp_group is None:
+        elif self._small and self._step_world_size == 1 and (
+                self._ddp_group is None or self._ddp_world_size != 1):
             mode = "flat"  # one process: its gradients are the average; no comm hook to serve
         else:
             mode = "hooks"
@@ -462,12 +493,38 @@ class AdaScale:
         """Called at the first hook of each backward pass: close the previous pass, if any."""
         first = self._pass_task == -1
         self._pass_task = task
+        self._flat_passes += 1
         if first:
             self._flat_install()
-            return
-        self._micro_norms.append(self._flat_pass_sqnorm())
-        self._flat_prev.copy_(self._flat)
-        self._flat_prev_zero = False
+        else:
+            self._micro_norms.append(self._flat_pass_sqnorm())
+            self._flat_prev.copy_(self._flat)
+            self._flat_prev_zero = False
+        if self._flat_sync and self._flat_passes == self.accumulation_steps:
+            # The step's last pass: all-reduce when it ends, where DDP's reducer would have, so that
+            # code between backward() and step() (clipping, logging) sees averaged gradients.
+            torch.autograd.Variable._execution_engine.queue_callback(self._flat_all_reduce)
+
+    def _flat_all_reduce(self) -> None:
+        """End of the step's last backward pass (attached DDP, small model): one all-reduce averages
+        the buffer and, in its tail, this rank's sum of squared pass norms and reached parameters."""
+        if any(p.grad is not v for p, v in zip(self._params, self._flat_views)):
+            # A .grad replaced during the step: average what the caller left there; measure nothing.
+            self._flat_adopt_grads()
+            self._flat_unmeasured = True
+        flat, full = self._flat, self._flat_full
+        tail = full[flat.numel():]
+        last = self._flat_pass_sqnorm()
+        tail[0] = torch.stack([*self._micro_norms, last]).sum() if self._micro_norms else last
+        calls = self._hook_calls
+        tail[1:] = torch.tensor(calls, dtype=tail.dtype) if 0 in calls else 1.0
+        if self._ddp_world_size > 1:
+            full.div_(self._ddp_world_size)  # as DDP averages: divide, then sum
+            _all_reduce(full, self._ddp_group).wait()
+        self._flat_reduced = torch.cat([tail, torch.dot(flat, flat).reshape(1)])  # read at step()
+        model = self._ddp_model() if self._ddp_model is not None else None
+        if model is not None:  # DDP broadcasts buffers at the next forward, as after its own sync
+            model.require_forward_param_sync = True
 
     def _flat_pass_sqnorm(self) -> torch.Tensor:
         """||buffer - buffer at the previous boundary||^2: this pass's gradient (in place, 2 ops)."""
@@ -481,7 +538,11 @@ class AdaScale:
         """Make every parameter's .grad a view of the flat buffer (before this step's first accumulation)."""
         if self._flat is None:
             p0 = self._params[0]
-            self._flat = torch.zeros(sum(p.numel() for p in self._params), dtype=p0.dtype, device=p0.device)
+            numel = sum(p.numel() for p in self._params)
+            # The tail carries this rank's statistics through the all-reduce when step() does it
+            # (attached DDP): the sum of squared pass norms, then which parameters a pass reached.
+            self._flat_full = torch.zeros(numel + 1 + len(self._params), dtype=p0.dtype, device=p0.device)
+            self._flat = self._flat_full[:numel]
             self._flat_prev = torch.empty_like(self._flat)
             offsets = [0]
             for p in self._params:
@@ -519,8 +580,11 @@ class AdaScale:
         self._flat_installed = False
 
     def _flat_statistics(self) -> tuple[float, float]:
-        """(sum_i ||g_i / acc||^2, ||g_bar||^2) from the buffer: four ops and one host sync."""
+        """(sum_i ||g_i / acc||^2 over all ranks, ||g_bar||^2) from the buffer: a few ops and one
+        host sync (with attached DDP, of what the all-reduce at the end of the last pass left)."""
         flat = self._flat
+        reduced, self._flat_reduced = self._flat_reduced, None
+        self._step_unmeasured = self._flat_unmeasured
         replaced = [(p.grad, v) for p, v in zip(self._params, self._flat_views) if p.grad is not v]
         if replaced:
             self._flat_installed = False  # re-installed at the next step's first pass
@@ -530,16 +594,36 @@ class AdaScale:
             # measure nothing this step and check what the optimizer gets.
             if not all(g is not None and torch.equal(g, v) for g, v in replaced):
                 self._step_unmeasured = True
-                grads = [p.grad for p in self._params if p.grad is not None]
-                return 0.0, _sum_of_squares(torch._foreach_norm(grads), flat.device).item()
-        # Squared norms here (dots), not norms: one op each.
-        values = torch.stack([*self._micro_norms, self._flat_pass_sqnorm(), torch.dot(flat, flat)]).tolist()
+                if reduced is None:
+                    grads = [p.grad for p in self._params if p.grad is not None]
+                    return 0.0, _sum_of_squares(torch._foreach_norm(grads), flat.device).item()
+        if reduced is None:  # one process
+            # Squared norms here (dots), not norms: one op each.
+            values = torch.stack([*self._micro_norms, self._flat_pass_sqnorm(), torch.dot(flat, flat)]).tolist()
+            micro_sum, mean_sqnorm = sum(values[:-1]), values[-1]
+            unreached = [c == 0 for c in self._hook_calls]
+        else:
+            values = reduced.tolist()
+            micro_sum, mean_sqnorm = self._ddp_world_size * values[0], values[-1]
+            unreached = [c == 0 for c in values[1:-1]]  # no pass on any rank reached the parameter
         # A parameter that no pass reached had no gradient: give the inner optimizer None, as without us.
-        if 0 in self._hook_calls:
-            for p, calls, was_none in zip(self._params, self._hook_calls, self._flat_was_none):
-                if calls == 0 and was_none:
+        if any(unreached):
+            for p, no_pass, was_none in zip(self._params, unreached, self._flat_was_none):
+                if no_pass and was_none:
                     p.grad = None
-        return sum(values[:-1]), values[-1]
+        return micro_sum, mean_sqnorm
+
+    def _flat_adopt_grads(self) -> None:
+        """Copy gradients the caller put in .grad back into the buffer before it is all-reduced."""
+        for i, (p, v) in enumerate(zip(self._params, self._flat_views)):
+            g = p.grad
+            if g is not v:
+                if g is None:
+                    v.zero_()
+                    self._hook_calls[i] = 0  # no gradient here: None afterwards unless another rank has one
+                else:
+                    v.copy_(g)
+                p.grad = v
 
     def _grads_finite(self) -> bool:
         """One gradient per step: only the non-finite check, fused into one op for a small model."""
@@ -687,6 +771,9 @@ class AdaScale:
         self._step_world_size = 0
         self._pass_task = -1
         self._bucket_passes = 0
+        self._flat_passes = 0
+        self._flat_reduced = None
+        self._flat_unmeasured = False
 
     def _group(self) -> Any:
         return self.process_group if self.process_group is not None else dist.group.WORLD

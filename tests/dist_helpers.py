@@ -65,14 +65,17 @@ def run_steps(model, opt, ddp_model, micro_for_rank, steps: int, accumulation: i
 
 def ddp_worker(rank: int, world_size: int, port: int, accumulation: int, steps: int, nan_rank: int | None,
                nan_step: int | None, out_dir: str, attach: bool = False, no_sync: bool = True,
-               piggyback_max: int | None = None) -> None:
+               piggyback_max: int | None = None, flat_max: int | None = None) -> None:
     """One DDP rank. ``attach``: the statistics ride on DDP's all-reduce (AdaScale.attach_ddp);
-    ``piggyback_max`` overrides adascale.PIGGYBACK_MAX_NUMEL (0: the separate one-float path)."""
+    ``piggyback_max`` overrides adascale.PIGGYBACK_MAX_NUMEL (0: the separate one-float path),
+    ``flat_max`` adascale.FLAT_MAX_NUMEL (0: DDP's comm hook instead of AdaScale's own reduce)."""
     from elastic import adascale
     from elastic.adascale import AdaScale
 
     if piggyback_max is not None:
         adascale.PIGGYBACK_MAX_NUMEL = piggyback_max
+    if flat_max is not None:
+        adascale.FLAT_MAX_NUMEL = flat_max
     torch.set_num_threads(1)
     init_gloo(rank, world_size, port)
     try:
@@ -90,7 +93,59 @@ def ddp_worker(rank: int, world_size: int, port: int, accumulation: int, steps: 
         hist = run_steps(model, opt, ddp, mine, steps, accumulation, nan_at_step=nan_step if rank == nan_rank else None,
                          no_sync=no_sync)
         torch.save({"history": hist, "params": [p.detach().clone() for p in model.parameters()],
-                    "tensor_hooks": len(opt._handles)},
+                    "tensor_hooks": len(opt._handles), "ddp_sync": ddp.require_backward_grad_sync},
                    os.path.join(out_dir, f"rank{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+class TwoHeads(torch.nn.Module):
+    """``shared`` always; ``head_a`` only on rank 0's batches; ``spare`` never reaches the loss."""
+
+    def __init__(self, dim: int = 6) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.shared = torch.nn.Linear(dim, 8)
+        self.head_a = torch.nn.Linear(8, 1)
+        self.head_b = torch.nn.Linear(8, 1)
+        self.spare = torch.nn.Linear(8, 1)
+
+    def forward(self, x: torch.Tensor, use_a: bool) -> torch.Tensor:
+        h = torch.tanh(self.shared(x))
+        return (self.head_a(h) if use_a else self.head_b(h)).squeeze(-1)
+
+
+def unused_params_worker(rank: int, world_size: int, port: int, out_dir: str) -> None:
+    """Per rank: the gradients the inner optimizer saw, for bare DDP (find_unused_parameters) and
+    for AdaScale attached to DDP, over the same two accumulation steps of two micro-batches."""
+    from elastic.adascale import AdaScale
+
+    torch.set_num_threads(1)
+    init_gloo(rank, world_size, port)
+    try:
+        seen = {}
+        for arm in ("bare", "adascale"):
+            model = TwoHeads()
+            ddp = torch.nn.parallel.DistributedDataParallel(model, find_unused_parameters=True)
+            sgd = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, weight_decay=1e-2)
+            opt = sgd
+            if arm == "adascale":
+                opt = AdaScale(sgd, scale=1.0, accumulation_steps=2)  # scale 1: the same lr as bare
+                opt.attach_ddp(ddp)
+            grads, before = [], []
+            for step in range(2):
+                micro = micro_batches(step, 2 * world_size)[2 * rank:2 * rank + 2]
+                for i, (x, y) in enumerate(micro):
+                    ctx = ddp.no_sync() if i == 0 else contextlib.nullcontext()
+                    with ctx:
+                        loss = torch.nn.functional.mse_loss(ddp(x, use_a=rank == 0), y)
+                        (loss / 2).backward()
+                # What code between backward() and step() (clipping, logging) sees: averaged gradients.
+                before.append([None if p.grad is None else p.grad.detach().clone() for p in model.parameters()])
+                opt.step()  # AdaScale hands the inner optimizer its gradients inside step()
+                grads.append([None if p.grad is None else p.grad.detach().clone() for p in model.parameters()])
+                opt.zero_grad()
+            seen[arm] = {"grads": grads, "before_step": before, "params": [p.detach().clone() for p in model.parameters()]}
+        torch.save(seen, os.path.join(out_dir, f"rank{rank}.pt"))
     finally:
         dist.destroy_process_group()

@@ -354,7 +354,7 @@ def _run_ddp(world_size: int, accumulation: int, steps: int, tmp_path, nan_rank=
     port = dh.free_port()
     mp.spawn(dh.ddp_worker, args=(world_size, port, accumulation, steps, nan_rank, nan_step, str(tmp_path),
                                   options.get("attach", False), options.get("no_sync", True),
-                                  options.get("piggyback_max")),
+                                  options.get("piggyback_max"), options.get("flat_max")),
              nprocs=world_size, join=True)
     return [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(world_size)]
 
@@ -364,14 +364,19 @@ def _run_ddp(world_size: int, accumulation: int, steps: int, tmp_path, nan_rank=
     (2, 1, {}),
     (2, 2, {}),
     (4, 1, {}),
-    # The statistics ride on DDP's own all-reduce (AdaScale.attach_ddp): packed into the last bucket,
-    # ...with DDP reducing after every backward pass (no no_sync), and as a separate one-float reduce.
+    # Attached (AdaScale.attach_ddp) to this small model, AdaScale all-reduces the flat gradient
+    # buffer with the statistics in its tail, in step(); DDP's reducer stays idle, also for a
+    # caller who does not use no_sync.
     (4, 1, {"attach": True}),
     (2, 2, {"attach": True}),
     (2, 2, {"attach": True, "no_sync": False}),
-    (2, 1, {"attach": True, "piggyback_max": 0}),
-], ids=["2x1", "2x2", "4x1", "4x1-attached", "2x2-attached", "2x2-attached-sync-each-pass",
-        "2x1-attached-separate-reduce"])
+    # FLAT_MAX_NUMEL = 0 (a large model): the statistics ride on DDP's all-reduce in its comm hook,
+    # packed into the last bucket, or as a separate one-float reduce.
+    (2, 1, {"attach": True, "flat_max": 0}),
+    (2, 2, {"attach": True, "flat_max": 0}),
+    (2, 1, {"attach": True, "flat_max": 0, "piggyback_max": 0}),
+], ids=["2x1", "2x2", "4x1", "4x1-attached-flat", "2x2-attached-flat", "2x2-attached-flat-no-no-sync",
+        "2x1-attached-buckets", "2x2-attached-hooks", "2x1-attached-separate-reduce"])
 def test_ddp_gain_equals_single_process_accumulation(world_size, accumulation, options, tmp_path):
     steps = 4
     results = _run_ddp(world_size, accumulation, steps, tmp_path, nan_rank=world_size - 1, nan_step=2, **options)
@@ -380,8 +385,11 @@ def test_ddp_gain_equals_single_process_accumulation(world_size, accumulation, o
         assert other["history"] == results[0]["history"]
     assert [h[4] for h in results[0]["history"]] == [False, False, True, False]
     # One synced backward pass per step into an attached DDP model: the comm hook sees it all.
-    hooks_needed = not (options.get("attach") and accumulation == 1)
+    comm_hook = options.get("attach") and options.get("flat_max") == 0
+    hooks_needed = not (comm_hook and accumulation == 1)
     assert all((r["tensor_hooks"] > 0) == hooks_needed for r in results)
+    flat_sync = options.get("attach") and not comm_hook
+    assert all(r["ddp_sync"] is not flat_sync for r in results)
 
     total = world_size * accumulation
     model = dh.make_model()
@@ -396,14 +404,19 @@ def test_ddp_gain_equals_single_process_accumulation(world_size, accumulation, o
     assert single[-1][0] > 1.0  # the test is not vacuous: the gain moved away from 1
 
 
+@pytest.mark.parametrize("flat", [True, False], ids=["flat-sync", "comm-hook"])
 @pytest.mark.parametrize("bucket_view", [False, True], ids=["copied-grads", "gradient-as-bucket-view"])
-def test_attach_ddp_carries_statistics_in_ddp_all_reduce(tmp_path, monkeypatch, bucket_view):
-    """One-process gloo group: with attach_ddp, step() runs no all-reduce of its own and gets the
-    same gains and weights as without; misuse is a typed error."""
+def test_attach_ddp_carries_statistics_in_ddp_all_reduce(tmp_path, monkeypatch, bucket_view, flat):
+    """One-process gloo group: with attach_ddp, step() runs no all-reduce beside the gradients' own
+    and gets the same gains and weights as without; misuse is a typed error. A small model leaves
+    DDP's reducer idle (AdaScale reduces its flat buffer; with one rank there is nothing to reduce)
+    until remove_hooks(); with FLAT_MAX_NUMEL = 0 the statistics ride on DDP's comm hook."""
     import torch.distributed as dist
 
     from elastic import adascale as adascale_module
 
+    if not flat:
+        monkeypatch.setattr(adascale_module, "FLAT_MAX_NUMEL", 0)
     dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
     try:
         with pytest.raises(AdaScaleError, match="DistributedDataParallel"):
@@ -433,13 +446,45 @@ def test_attach_ddp_carries_statistics_in_ddp_all_reduce(tmp_path, monkeypatch, 
             monkeypatch.setattr(adascale_module, "_all_reduce", real_async)
             gains[attach] = [row[0] for row in history]
             weights[attach] = [p.detach().clone() for p in model.parameters()]
-            if attach:  # the statistics rode on DDP's own reduction: step() ran none of its own
+            if attach and not flat:  # the statistics rode on DDP's own reduction: step() ran none of its own
                 assert calls == {"step": 0, "comm hook": 3}
-            else:  # one rank and no comm hook: nothing to reduce
+            else:  # one rank: AdaScale reduces nothing, and without a comm hook neither does DDP's
                 assert calls == {"step": 0, "comm hook": 0}
+            # Attached to a small model, AdaScale holds DDP's gradient sync off, and gives it back.
+            assert ddp.require_backward_grad_sync is not (attach and flat)
+            opt.remove_hooks()
+            assert ddp.require_backward_grad_sync
         assert gains[True] == pytest.approx(gains[False], rel=1e-6)  # float32 sums in a different order
         assert gains[True][-1] > 1.0
         for attached, plain in zip(weights[True], weights[False]):
             assert torch.allclose(attached, plain, atol=1e-6)
     finally:
         dist.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_attached_flat_sync_gives_the_optimizer_what_ddp_gives(tmp_path):
+    """A head used on one rank only and a parameter no rank uses: with AdaScale reducing the flat
+    buffer itself, the gradients after backward() and those the inner optimizer sees are exactly
+    DDP's (find_unused_parameters), None for the unused one included, and the weights stay
+    identical across ranks."""
+    world_size = 2
+    mp.spawn(dh.unused_params_worker, args=(world_size, dh.free_port(), str(tmp_path)), nprocs=world_size, join=True)
+    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(world_size)]
+    for seen in ranks:
+        # Between backward() and step() the gradients are already averaged, as with DDP's reducer
+        # (the spare parameter aside: None there until step() knows no rank reached it).
+        for bare_step, ada_step in zip(seen["bare"]["before_step"], seen["adascale"]["before_step"]):
+            for b, a in zip(bare_step[:-2], ada_step[:-2]):
+                assert torch.allclose(a, b, rtol=1e-6, atol=1e-7)
+        for bare_step, ada_step in zip(seen["bare"]["grads"], seen["adascale"]["grads"]):
+            assert [g is None for g in ada_step] == [g is None for g in bare_step]
+            assert bare_step[-1] is None and bare_step[-2] is None  # spare: reached by no rank
+            for b, a in zip(bare_step, ada_step):
+                if b is not None:
+                    assert torch.allclose(a, b, rtol=1e-6, atol=1e-7)
+            assert bare_step[2].abs().sum() > 0  # head_a: rank 0's gradient, averaged onto both ranks
+        for b, a in zip(seen["bare"]["params"], seen["adascale"]["params"]):
+            assert torch.allclose(a, b, rtol=1e-6, atol=1e-7)
+    for p0, p1 in zip(ranks[0]["adascale"]["params"], ranks[1]["adascale"]["params"]):
+        assert torch.equal(p0, p1)
