@@ -520,7 +520,7 @@ class AdaScale:
         tail[1:] = torch.tensor(calls, dtype=tail.dtype) if 0 in calls else 1.0
         if self._ddp_world_size > 1:
             full.div_(self._ddp_world_size)  # as DDP averages: divide, then sum
-            _all_reduce(full, self._ddp_group).wait()
+            _all_reduce_now(full, self._ddp_group)
         self._flat_reduced = torch.cat([tail, torch.dot(flat, flat).reshape(1)])  # read at step()
         model = self._ddp_model() if self._ddp_model is not None else None
         if model is not None:  # DDP broadcasts buffers at the next forward, as after its own sync
@@ -821,6 +821,15 @@ def _all_reduce(tensor: torch.Tensor, group: Any) -> torch.futures.Future:
         return group.allreduce([tensor]).get_future()
     except (AttributeError, TypeError):  # a group object without the method: the public call
         return dist.all_reduce(tensor, group=group, async_op=True).get_future()
+
+
+def _all_reduce_now(tensor: torch.Tensor, group: Any) -> None:
+    """In-place sum over ``group``, waited for (on the work object, which lets go of the GIL)."""
+    try:
+        work = group.allreduce([tensor])
+    except (AttributeError, TypeError):  # a group object without the method: the public call
+        work = dist.all_reduce(tensor, group=group, async_op=True)
+    work.wait()
 
 
 def _sqnorm(flat: torch.Tensor) -> torch.Tensor:
