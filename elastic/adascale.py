@@ -48,9 +48,12 @@ one fused non-finite check. With S > 1, a gradient hook per parameter tensor per
   pass, and each pass costs two ops whatever the number of tensors;
 - otherwise small gradients are only kept (a reference) and normed all together once per step;
   large ones are normed in the hook, where the memory traffic of the norm dwarfs the call;
-- under DDP, ``attach_ddp(model)`` folds the local sum of squared norms into DDP's own all-reduce
-  of its last gradient bucket (a DDP communication hook), so a step adds no collective at all;
-  without it, ``step()`` runs one all-reduce of two floats.
+- under DDP, ``attach_ddp(model)`` makes a step add no collective at all. A small model keeps the
+  flat buffer there too and AdaScale all-reduces it itself, with this rank's statistics appended,
+  when the step's last backward pass ends (where DDP's reducer would; the reducer stays idle).
+  A larger one folds the local sum of squared norms into DDP's own all-reduce of its last
+  gradient bucket (a DDP communication hook). Without ``attach_ddp``, ``step()`` runs one
+  all-reduce of two floats.
 """
 
 from __future__ import annotations
