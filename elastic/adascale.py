@@ -162,7 +162,9 @@ class AdaScale:
         # "flat" mode (one process, accumulation, a small model): every .grad is a view of _flat.
         self._small = _is_small(self._params)  # fits FLAT_MAX_NUMEL in one dtype on one device
         self._flat: torch.Tensor | None = None  # the gradients, flattened (allocated at first use)
-        self._flat_full: torch.Tensor | None = None  # _flat, then 1 + len(params) floats of statistics
+        self._flat_full: torch.Tensor | None = None  # _flat, then the statistics' tail (see _flat_install)
+        self._flat_tail: torch.Tensor | None = None
+        self._flat_unreached_dirty = False  # the tail's unreached flags may be non-zero
         self._flat_views: list[torch.Tensor] = []  # .grad of each parameter while installed
         self._flat_prev: torch.Tensor | None = None  # _flat at the end of the previous backward pass
         self._flat_prev_zero = True  # ...which was all zeros (no copy taken)
@@ -172,7 +174,7 @@ class AdaScale:
         self._flat_was_none: list[bool] = []  # per parameter: no gradient when this step began
         self._pass_task = -1  # autograd graph task of the backward pass seen last ("flat" mode)
         self._flat_passes = 0  # backward passes seen this step ("flat" mode)
-        self._flat_reduced: torch.Tensor | None = None  # attached DDP: [stats tail, ||g_bar||^2], all-reduced
+        self._flat_reduced = False  # attached DDP: this step's tail was all-reduced
         self._flat_unmeasured = False  # a .grad was replaced before the all-reduce: no estimate this step
         self._finite_buffers: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
         # Tensor hooks only while a step averages several gradients (S > 1); re-armed when it does.
@@ -263,7 +265,8 @@ class AdaScale:
         which this zeroes in one op; the inner optimizer still sees ``None`` for a parameter that
         no backward pass reached when ``set_to_none`` (see ``FLAT_MAX_NUMEL``)."""
         if self._flat_installed and all(p.grad is v or p.grad is None for p, v in zip(self._params, self._flat_views)):
-            self._flat.zero_()
+            self._flat_full.zero_()  # the gradients and the statistics' tail
+            self._flat_unreached_dirty = False
             self._flat_none = set_to_none
             self._flat_zero = True
         else:
@@ -515,37 +518,43 @@ class AdaScale:
             # A .grad replaced during the step: average what the caller left there; measure nothing.
             self._flat_adopt_grads()
             self._flat_unmeasured = True
-        flat, full = self._flat, self._flat_full
-        tail = full[flat.numel():]
-        last = self._flat_pass_sqnorm()
-        tail[0] = torch.stack([*self._micro_norms, last]).sum() if self._micro_norms else last
+        if self._micro_norms:
+            torch.sum(torch.stack([*self._micro_norms, self._flat_pass_sqnorm()]), 0, out=self._flat_stat)
+        else:
+            self._flat_pass_sqnorm(out=self._flat_stat)
         calls = self._hook_calls
-        tail[1:] = torch.tensor(calls, dtype=tail.dtype) if 0 in calls else 1.0
+        if 0 in calls:
+            self._flat_unreached.copy_(torch.tensor([float(c == 0) for c in calls]))
+            self._flat_unreached_dirty = True
+        elif self._flat_unreached_dirty:
+            self._flat_unreached.zero_()
+            self._flat_unreached_dirty = False
         if self._ddp_world_size > 1:
-            full.div_(self._ddp_world_size)  # as DDP averages: divide, then sum
-            _all_reduce_now(full, self._ddp_group)
-        self._flat_reduced = torch.cat([tail, torch.dot(flat, flat).reshape(1)])  # read at step()
+            self._flat_full.div_(self._ddp_world_size)  # as DDP averages: divide, then sum
+            _all_reduce_now(self._flat_full, self._ddp_group)
+        torch.dot(self._flat, self._flat, out=self._flat_mean)
+        self._flat_reduced = True  # the tail is read at step()
         model = self._ddp_model() if self._ddp_model is not None else None
         if model is not None:  # DDP broadcasts buffers at the next forward, as after its own sync
             model.require_forward_param_sync = True
 
-    def _flat_pass_sqnorm(self) -> torch.Tensor:
+    def _flat_pass_sqnorm(self, out: torch.Tensor | None = None) -> torch.Tensor:
         """||buffer - buffer at the previous boundary||^2: this pass's gradient (in place, 2 ops)."""
         flat, prev = self._flat, self._flat_prev
-        if self._flat_prev_zero:
-            return torch.dot(flat, flat)
-        diff = prev.sub_(flat)  # -(this pass's gradient); the snapshot is taken again after it
-        return torch.dot(diff, diff)
+        diff = flat if self._flat_prev_zero else prev.sub_(flat)  # -(this pass's gradient); re-snapshot after
+        return torch.dot(diff, diff) if out is None else torch.dot(diff, diff, out=out)
 
     def _flat_install(self) -> None:
         """Make every parameter's .grad a view of the flat buffer (before this step's first accumulation)."""
         if self._flat is None:
             p0 = self._params[0]
             numel = sum(p.numel() for p in self._params)
-            # The tail carries this rank's statistics through the all-reduce when step() does it
-            # (attached DDP): the sum of squared pass norms, then which parameters a pass reached.
-            self._flat_full = torch.zeros(numel + 1 + len(self._params), dtype=p0.dtype, device=p0.device)
-            self._flat = self._flat_full[:numel]
+            # The tail carries this rank's statistics through the all-reduce (attached DDP): the
+            # sum of squared pass norms, a flag per parameter that no pass reached, and a last slot
+            # for ||g_bar||^2, written after the all-reduce. Preset views keep it to few ops a step.
+            full = self._flat_full = torch.zeros(numel + len(self._params) + 2, dtype=p0.dtype, device=p0.device)
+            self._flat, self._flat_tail = full[:numel], full[numel:]
+            self._flat_stat, self._flat_unreached, self._flat_mean = full[numel], full[numel + 1:-1], full[-1]
             self._flat_prev = torch.empty_like(self._flat)
             offsets = [0]
             for p in self._params:
@@ -586,7 +595,7 @@ class AdaScale:
         """(sum_i ||g_i / acc||^2 over all ranks, ||g_bar||^2) from the buffer: a few ops and one
         host sync (with attached DDP, of what the all-reduce at the end of the last pass left)."""
         flat = self._flat
-        reduced, self._flat_reduced = self._flat_reduced, None
+        reduced, self._flat_reduced = self._flat_reduced, False
         self._step_unmeasured = self._flat_unmeasured
         replaced = [(p.grad, v) for p, v in zip(self._params, self._flat_views) if p.grad is not v]
         if replaced:
@@ -597,18 +606,21 @@ class AdaScale:
             # measure nothing this step and check what the optimizer gets.
             if not all(g is not None and torch.equal(g, v) for g, v in replaced):
                 self._step_unmeasured = True
-                if reduced is None:
+                if not reduced:
                     grads = [p.grad for p in self._params if p.grad is not None]
                     return 0.0, _sum_of_squares(torch._foreach_norm(grads), flat.device).item()
-        if reduced is None:  # one process
+        if not reduced:  # one process
             # Squared norms here (dots), not norms: one op each.
             values = torch.stack([*self._micro_norms, self._flat_pass_sqnorm(), torch.dot(flat, flat)]).tolist()
             micro_sum, mean_sqnorm = sum(values[:-1]), values[-1]
             unreached = [c == 0 for c in self._hook_calls]
         else:
-            values = reduced.tolist()
-            micro_sum, mean_sqnorm = self._ddp_world_size * values[0], values[-1]
-            unreached = [c == 0 for c in values[1:-1]]  # no pass on any rank reached the parameter
+            values = self._flat_tail.tolist()
+            world_size = self._ddp_world_size
+            micro_sum, mean_sqnorm = world_size * values[0], values[-1]
+            # Each flag was divided by the world size and summed: 1 where no rank's pass reached it.
+            unreached = [v > 1.0 - 0.5 / world_size for v in values[1:-1]]
+            self._flat_unreached_dirty = any(v != 0.0 for v in values[1:-1])
         # A parameter that no pass reached had no gradient: give the inner optimizer None, as without us.
         if any(unreached):
             for p, no_pass, was_none in zip(self._params, unreached, self._flat_was_none):
@@ -775,7 +787,7 @@ class AdaScale:
         self._pass_task = -1
         self._bucket_passes = 0
         self._flat_passes = 0
-        self._flat_reduced = None
+        self._flat_reduced = False
         self._flat_unmeasured = False
 
     def _group(self) -> Any:
