@@ -10,8 +10,13 @@ waits for) and of the process CPU time (``time.process_time``: all threads of th
 a shared machine is far less disturbed by other processes than the wall clock; under DDP it leaves
 out time spent blocked in communication). The load average is written next to the table.
 
-    python -m benchmarks.overhead [--steps 300] [--warmup 50] [--quick] [--no-breakdown]
+    python -m benchmarks.overhead [--steps 300] [--warmup 50] [--repeats 1] [--quick] [--no-breakdown]
                                   [--models digits ...] [--out DIR]
+
+``--repeats N`` measures every config N times, each with freshly built models (and, under DDP,
+fresh processes), and reports the median of the N ratios with all of them listed: on a shared
+machine one run's ratio can be off by several percent for reasons that stay fixed for the run
+(where each arm's tensors happen to sit in memory, what else runs), which interleaving cannot cancel.
 
 Without ``--quick`` a second table splits AdaScale's extra time in one process into its parts
 (stop-watches around the hooks, the statistics and the step; see ``breakdown``).
@@ -87,16 +92,32 @@ class OverheadResult:
     adascale_ms: float
     bare_cpu_ms: float
     adascale_cpu_ms: float
+    repeat_ratios: tuple[float, ...] = ()
+    """Wall-clock ratio of each repeat (empty: one measurement)."""
+    repeat_cpu_ratios: tuple[float, ...] = ()
 
     @property
     def ratio(self) -> float:
-        """Wall-clock AdaScale / bare."""
-        return self.adascale_ms / self.bare_ms
+        """Wall-clock AdaScale / bare (the median over the repeats)."""
+        return statistics.median(self.repeat_ratios) if self.repeat_ratios else self.adascale_ms / self.bare_ms
 
     @property
     def cpu_ratio(self) -> float:
-        """CPU-time AdaScale / bare."""
-        return self.adascale_cpu_ms / self.bare_cpu_ms
+        """CPU-time AdaScale / bare (the median over the repeats)."""
+        return statistics.median(self.repeat_cpu_ratios) if self.repeat_cpu_ratios else self.adascale_cpu_ms / self.bare_cpu_ms
+
+
+def combine(repeats: Sequence[OverheadResult]) -> OverheadResult:
+    """One row from several measurements of the same config: medians of times and of ratios."""
+    if len(repeats) == 1:
+        return repeats[0]
+    return OverheadResult(
+        config=repeats[0].config, parameters=repeats[0].parameters, steps=repeats[0].steps,
+        bare_ms=statistics.median(r.bare_ms for r in repeats),
+        adascale_ms=statistics.median(r.adascale_ms for r in repeats),
+        bare_cpu_ms=statistics.median(r.bare_cpu_ms for r in repeats),
+        adascale_cpu_ms=statistics.median(r.adascale_cpu_ms for r in repeats),
+        repeat_ratios=tuple(r.ratio for r in repeats), repeat_cpu_ratios=tuple(r.cpu_ratio for r in repeats))
 
 
 def build_model(name: str) -> tuple[nn.Module, int, Sequence[int]]:
@@ -326,17 +347,17 @@ def format_breakdown(rows: Sequence[Breakdown]) -> str:
     ])
 
 
-def run(configs: Sequence[OverheadConfig], steps: int, warmup: int, log=print) -> list[OverheadResult]:
+def run(configs: Sequence[OverheadConfig], steps: int, warmup: int, log=print, repeats: int = 1) -> list[OverheadResult]:
     single_thread()
     results = []
     for config in configs:
-        if config.world_size > 1:
-            res = measure_ddp(config, steps, warmup)
-        else:
-            res = measure(config, steps, warmup)
-        log(f"{config.label}: bare {res.bare_ms:.3f} ms, AdaScale {res.adascale_ms:.3f} ms, ratio {res.ratio:.3f} "
-            f"(CPU ratio {res.cpu_ratio:.3f})")
-        results.append(res)
+        measured = []
+        for _ in range(repeats):
+            res = measure_ddp(config, steps, warmup) if config.world_size > 1 else measure(config, steps, warmup)
+            log(f"{config.label}: bare {res.bare_ms:.3f} ms, AdaScale {res.adascale_ms:.3f} ms, ratio {res.ratio:.3f} "
+                f"(CPU ratio {res.cpu_ratio:.3f})")
+            measured.append(res)
+        results.append(combine(measured))
     return results
 
 
@@ -362,23 +383,26 @@ QUICK_CONFIGS = (
 )
 
 TABLE_HEADERS = ("config", "parameters", "bare median ms", "AdaScale median ms", "ratio",
-                 "bare CPU ms", "AdaScale CPU ms", "CPU ratio")
+                 "bare CPU ms", "AdaScale CPU ms", "CPU ratio", "ratio of each repeat")
 
 
 def format_table(results: Sequence[OverheadResult]) -> str:
     return markdown_table(TABLE_HEADERS, [
         (r.config.label, f"{r.parameters:,}", f"{r.bare_ms:.3f}", f"{r.adascale_ms:.3f}", f"{r.ratio:.3f}",
-         f"{r.bare_cpu_ms:.3f}", f"{r.adascale_cpu_ms:.3f}", f"{r.cpu_ratio:.3f}")
+         f"{r.bare_cpu_ms:.3f}", f"{r.adascale_cpu_ms:.3f}", f"{r.cpu_ratio:.3f}",
+         ", ".join(f"{x:.3f}" for x in r.repeat_ratios) or f"{r.ratio:.3f}")
         for r in results
     ])
 
 
 def format_report(results: Sequence[OverheadResult], steps: int, warmup: int, wall_s: float,
-                  load_before: float, load_after: float, breakdowns: Sequence[Breakdown] = ()) -> str:
+                  load_before: float, load_after: float, breakdowns: Sequence[Breakdown] = (), repeats: int = 1) -> str:
+    times = (f"; each config measured {repeats} times with fresh models, times and ratios are the medians "
+             "over those repeats") if repeats > 1 else ""
     lines = [
         "# AdaScale step-time overhead",
         "",
-        f"Median of {steps} interleaved steps per arm after {warmup} warm-up steps; SGD momentum 0.9, "
+        f"Median of {steps} interleaved steps per arm after {warmup} warm-up steps{times}; SGD momentum 0.9, "
         f"weight decay 5e-4; torch {torch.__version__}, 1 thread per process, {os.cpu_count()} cores; "
         f"wall time {wall_s:.0f} s; 1-minute load average {load_before:.1f} before, {load_after:.1f} after.",
         "",
@@ -405,26 +429,27 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.overhead", description=__doc__.split("\n")[0])
     parser.add_argument("--steps", type=int, default=300, help="timed steps per arm and config")
     parser.add_argument("--warmup", type=int, default=50, help="untimed steps first")
+    parser.add_argument("--repeats", type=int, default=1, help="measurements per config (fresh models each)")
     parser.add_argument("--quick", action="store_true", help="3 digits configs, 10 steps (a smoke run)")
     parser.add_argument("--no-breakdown", action="store_true", help="skip the per-part breakdown")
     parser.add_argument("--models", nargs="+", choices=MODELS, default=list(MODELS),
                         help="only the rows of these models (default: all)")
     parser.add_argument("--out", type=Path, default=RESULTS_DIR, help="folder for overhead.md")
     args = parser.parse_args(argv)
-    if args.steps < 1 or args.warmup < 0:
-        parser.error("--steps must be >= 1 and --warmup >= 0")
+    if args.steps < 1 or args.warmup < 0 or args.repeats < 1:
+        parser.error("--steps and --repeats must be >= 1 and --warmup >= 0")
     configs, steps, warmup = DEFAULT_CONFIGS, args.steps, args.warmup
     if args.quick:
         configs, steps, warmup = QUICK_CONFIGS, min(steps, 10), min(warmup, 2)
     configs = tuple(c for c in configs if c.model in args.models)
 
     load_before, start = os.getloadavg()[0], time.perf_counter()
-    results = run(configs, steps, warmup)
+    results = run(configs, steps, warmup, repeats=args.repeats)
     breakdowns = [] if args.quick or args.no_breakdown else [
         breakdown(c, steps, warmup) for c in configs if c.world_size == 1
     ]
     report = format_report(results, steps, warmup, time.perf_counter() - start, load_before, os.getloadavg()[0],
-                           breakdowns)
+                           breakdowns, args.repeats)
     print(report)
     path = write_text(args.out / ("overhead_quick.md" if args.quick else "overhead.md"), report)
     print(f"wrote {path}", file=sys.stderr)

@@ -139,12 +139,24 @@ def test_overhead_quick_writes_its_table(tmp_path):
     assert overhead.main(["--quick", "--out", str(tmp_path)]) == 0
     rows = _table_rows((tmp_path / "overhead_quick.md").read_text())
     assert [r[0] for r in rows] == [c.label for c in overhead.QUICK_CONFIGS]
-    for _, params, bare_ms, ada_ms, ratio, bare_cpu, ada_cpu, cpu_ratio in rows:
+    for _, params, bare_ms, ada_ms, ratio, bare_cpu, ada_cpu, cpu_ratio, each in rows:
         assert int(params.replace(",", "")) > 1000
         assert float(bare_ms) > 0 and float(ada_ms) > 0 and float(bare_cpu) > 0 and float(ada_cpu) > 0
         assert float(ratio) == pytest.approx(float(ada_ms) / float(bare_ms), abs=2e-3)
         assert float(cpu_ratio) == pytest.approx(float(ada_cpu) / float(bare_cpu), abs=2e-3)
+        assert each == ratio  # one measurement per config
     assert re.search(r"Median of 10 interleaved steps", (tmp_path / "overhead_quick.md").read_text())
+
+
+def test_overhead_repeats_report_the_median_ratio():
+    config = overhead.OverheadConfig("digits", 8, 1)
+    runs = [overhead.OverheadResult(config, 100, 10, bare, ada, bare, ada)
+            for bare, ada in ((10.0, 10.5), (10.0, 9.9), (12.0, 12.24))]
+    row = overhead.combine(runs)
+    assert row.repeat_ratios == pytest.approx((1.05, 0.99, 1.02))
+    assert row.ratio == pytest.approx(1.02) and row.cpu_ratio == pytest.approx(1.02)  # not 10.5 / 10.0
+    assert row.bare_ms == 10.0 and row.adascale_ms == 10.5
+    assert "1.050, 0.990, 1.020" in overhead.format_table([row])
 
 
 def test_overhead_rejects_unknown_model():
