@@ -151,8 +151,8 @@ class AdaScale:
         self._ddp_world_size = 1
         self._ddp_covers_params = False  # the attached DDP model holds exactly this optimizer's params
         self._ddp_model: Callable[[], Any] | None = None  # weak reference to the attached DDP model
-        self._ddp_flat_ok = False  # the attached model can leave its gradient all-reduce to step()
-        self._flat_sync = False  # armed: DDP's reducer is idle and step() all-reduces the flat buffer
+        self._ddp_flat_ok = False  # the attached model can leave its gradient all-reduce to us
+        self._flat_sync = False  # armed: DDP's reducer is idle; the flat buffer is all-reduced by us
         # How this step gathers its statistics, decided at its first hook: "off" (one gradient per
         # step: nothing to estimate), "hooks" (tensor hooks norm every micro-batch gradient) or
         # "buckets" (DDP, one backward pass per step: each bucket's local gradients are normed in
@@ -282,9 +282,11 @@ class AdaScale:
         updates. DDP takes one comm hook per model, so this fails on a model that already has one.
 
         - A small model (``FLAT_MAX_NUMEL``; no ``static_graph``, no DDP mixed precision), which DDP
-          reduces as one bucket anyway: AdaScale does the gradient all-reduce itself, in ``step()``.
-          Its gradients are views of one flat buffer with the statistics appended, and one
-          all-reduce averages both, as DDP would (divide, then sum). DDP's reducer stays idle
+          reduces as one bucket anyway: AdaScale does the gradient all-reduce itself when the
+          step's last backward pass ends, where DDP's reducer would, so code between
+          ``backward()`` and ``step()`` sees averaged gradients. The gradients are views of one
+          flat buffer with the statistics appended, and one all-reduce averages both, as DDP
+          would (divide, then sum). DDP's reducer stays idle
           (``require_backward_grad_sync`` is False, as inside ``no_sync``); buffers are still
           broadcast at the first forward of each step. ``remove_hooks()`` hands the all-reduce
           back to DDP.
@@ -327,7 +329,7 @@ class AdaScale:
         self._set_ddp_sync(not self._flat_sync)
 
     def _set_ddp_sync(self, on: bool) -> None:
-        """Let the attached DDP model all-reduce its gradients (on) or leave it to step() (off)."""
+        """Let the attached DDP model all-reduce its gradients (on) or leave it to us (off)."""
         model = self._ddp_model() if self._ddp_model is not None else None
         if model is not None and model.require_backward_grad_sync != on:
             model.require_backward_grad_sync = on
@@ -476,7 +478,7 @@ class AdaScale:
         if self._step_world_size * self.accumulation_steps <= 1:
             mode = "off"  # nothing to estimate (NaNs are still caught in g_bar)
         elif self._flat_sync:
-            mode = "flat"  # attached DDP, small model: step() all-reduces the buffer and the statistics
+            mode = "flat"  # attached DDP, small model: we all-reduce the buffer and the statistics
         elif self._ddp_group is not None and self._ddp_covers_params and self.accumulation_steps == 1:
             mode = "buckets"
         elif self._small and self._step_world_size == 1 and (
