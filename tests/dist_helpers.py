@@ -4,22 +4,16 @@ from __future__ import annotations
 
 import contextlib
 import os
-import socket
 
 import torch
 import torch.distributed as dist
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def init_gloo(rank: int, world_size: int, port: int) -> None:
-    os.environ["MASTER_ADDR"] = "127.0.0.1"
-    os.environ["MASTER_PORT"] = str(port)
-    dist.init_process_group("gloo", rank=rank, world_size=world_size)
+def init_gloo(rank: int, world_size: int, out_dir: str) -> None:
+    """Rendezvous through a file in the test's own folder: no TCP port to pick, so none that another
+    process can take between picking it and binding it."""
+    dist.init_process_group("gloo", init_method=f"file://{os.path.join(out_dir, 'store')}", rank=rank,
+                            world_size=world_size)
 
 
 def micro_batches(step: int, count: int, dim: int = 6, batch: int = 4, seed: int = 0) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -63,7 +57,7 @@ def run_steps(model, opt, ddp_model, micro_for_rank, steps: int, accumulation: i
     return history
 
 
-def ddp_worker(rank: int, world_size: int, port: int, accumulation: int, steps: int, nan_rank: int | None,
+def ddp_worker(rank: int, world_size: int, accumulation: int, steps: int, nan_rank: int | None,
                nan_step: int | None, out_dir: str, attach: bool = False, no_sync: bool = True,
                piggyback_max: int | None = None, flat_max: int | None = None) -> None:
     """One DDP rank. ``attach``: the statistics ride on DDP's all-reduce (AdaScale.attach_ddp);
@@ -77,7 +71,7 @@ def ddp_worker(rank: int, world_size: int, port: int, accumulation: int, steps: 
     if flat_max is not None:
         adascale.FLAT_MAX_NUMEL = flat_max
     torch.set_num_threads(1)
-    init_gloo(rank, world_size, port)
+    init_gloo(rank, world_size, out_dir)
     try:
         model = make_model()
         ddp = torch.nn.parallel.DistributedDataParallel(model)
@@ -115,13 +109,13 @@ class TwoHeads(torch.nn.Module):
         return (self.head_a(h) if use_a else self.head_b(h)).squeeze(-1)
 
 
-def unused_params_worker(rank: int, world_size: int, port: int, out_dir: str) -> None:
+def unused_params_worker(rank: int, world_size: int, out_dir: str) -> None:
     """Per rank: the gradients the inner optimizer saw, for bare DDP (find_unused_parameters) and
     for AdaScale attached to DDP, over the same two accumulation steps of two micro-batches."""
     from elastic.adascale import AdaScale
 
     torch.set_num_threads(1)
-    init_gloo(rank, world_size, port)
+    init_gloo(rank, world_size, out_dir)
     try:
         seen = {}
         for arm in ("bare", "adascale"):

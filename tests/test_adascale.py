@@ -351,8 +351,7 @@ def test_misuse_raises_typed_errors():
 
 
 def _run_ddp(world_size: int, accumulation: int, steps: int, tmp_path, nan_rank=None, nan_step=None, **options):
-    port = dh.free_port()
-    mp.spawn(dh.ddp_worker, args=(world_size, port, accumulation, steps, nan_rank, nan_step, str(tmp_path),
+    mp.spawn(dh.ddp_worker, args=(world_size, accumulation, steps, nan_rank, nan_step, str(tmp_path),
                                   options.get("attach", False), options.get("no_sync", True),
                                   options.get("piggyback_max"), options.get("flat_max")),
              nprocs=world_size, join=True)
@@ -469,7 +468,7 @@ def test_attached_flat_sync_gives_the_optimizer_what_ddp_gives(tmp_path):
     DDP's (find_unused_parameters), None for the unused one included, and the weights stay
     identical across ranks."""
     world_size = 2
-    mp.spawn(dh.unused_params_worker, args=(world_size, dh.free_port(), str(tmp_path)), nprocs=world_size, join=True)
+    mp.spawn(dh.unused_params_worker, args=(world_size, str(tmp_path)), nprocs=world_size, join=True)
     ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(world_size)]
     for seen in ranks:
         # Between backward() and step() the gradients are already averaged, as with DDP's reducer
