@@ -164,7 +164,6 @@ class AdaScale:
         self._flat: torch.Tensor | None = None  # the gradients, flattened (allocated at first use)
         self._flat_full: torch.Tensor | None = None  # _flat, then the statistics' tail (see _flat_install)
         self._flat_tail: torch.Tensor | None = None
-        self._flat_unreached_dirty = False  # the tail's unreached flags may be non-zero
         self._flat_views: list[torch.Tensor] = []  # .grad of each parameter while installed
         self._flat_prev: torch.Tensor | None = None  # _flat at the end of the previous backward pass
         self._flat_prev_zero = True  # ...which was all zeros (no copy taken)
@@ -266,7 +265,6 @@ class AdaScale:
         no backward pass reached when ``set_to_none`` (see ``FLAT_MAX_NUMEL``)."""
         if self._flat_installed and all(p.grad is v or p.grad is None for p, v in zip(self._params, self._flat_views)):
             self._flat_full.zero_()  # the gradients and the statistics' tail
-            self._flat_unreached_dirty = False
             self._flat_none = set_to_none
             self._flat_zero = True
         else:
@@ -302,8 +300,7 @@ class AdaScale:
         self._ddp_group = model.process_group
         self._ddp_world_size = dist.get_world_size(model.process_group)  # fixed for the group's life
         self._ddp_covers_params = {id(p) for p in model.parameters() if p.requires_grad} == {id(p) for p in self._params}
-        if self._ddp_model is not None and self._ddp_model() is not None:
-            self._set_ddp_sync(True)  # a model attached before gets its own all-reduce back
+        self._set_ddp_sync(True)  # a model attached before gets its own all-reduce back
         self._ddp_model = weakref.ref(model)
         self._ddp_flat_ok = (self._small and self._ddp_covers_params and not getattr(model, "static_graph", False)
                              and getattr(model, "mixed_precision", None) is None)
@@ -328,9 +325,13 @@ class AdaScale:
         self._set_hooks(several and not self._armed_buckets)
         self._set_ddp_sync(not self._flat_sync)
 
+    def _attached_model(self) -> Any:
+        """The DDP model given to attach_ddp, while it is alive (None otherwise)."""
+        return self._ddp_model() if self._ddp_model is not None else None
+
     def _set_ddp_sync(self, on: bool) -> None:
         """Let the attached DDP model all-reduce its gradients (on) or leave it to us (off)."""
-        model = self._ddp_model() if self._ddp_model is not None else None
+        model = self._attached_model()
         if model is not None and model.require_backward_grad_sync != on:
             model.require_backward_grad_sync = on
 
@@ -518,7 +519,9 @@ class AdaScale:
         the buffer and, in its tail, this rank's sum of squared pass norms and reached parameters."""
         if any(p.grad is not v for p, v in zip(self._params, self._flat_views)):
             # A .grad replaced during the step: average what the caller left there; measure nothing.
-            self._flat_adopt_grads()
+            for i, g in enumerate(self._flat_adopt_grads()):
+                if g is None:  # no gradient here: None afterwards unless another rank has one
+                    self._hook_calls[i] = 0
             self._flat_unmeasured = True
         if self._micro_norms:
             torch.sum(torch.stack([*self._micro_norms, self._flat_pass_sqnorm()]), 0, out=self._flat_stat)
@@ -527,16 +530,14 @@ class AdaScale:
         calls = self._hook_calls
         if 0 in calls:
             self._flat_unreached.copy_(torch.tensor([float(c == 0) for c in calls]))
-            self._flat_unreached_dirty = True
-        elif self._flat_unreached_dirty:
+        else:  # the last all-reduce may have left other ranks' flags here
             self._flat_unreached.zero_()
-            self._flat_unreached_dirty = False
         if self._ddp_world_size > 1:
             self._flat_full.div_(self._ddp_world_size)  # as DDP averages: divide, then sum
             _all_reduce_now(self._flat_full, self._ddp_group)
         torch.dot(self._flat, self._flat, out=self._flat_mean)
         self._flat_reduced = True  # the tail is read at step()
-        model = self._ddp_model() if self._ddp_model is not None else None
+        model = self._attached_model()
         if model is not None:  # DDP broadcasts buffers at the next forward, as after its own sync
             model.require_forward_param_sync = True
 
@@ -568,18 +569,9 @@ class AdaScale:
         if self._flat_installed and all(p.grad is v for p, v in zip(self._params, views)):
             self._flat_was_none = [absent] * len(views)
         else:  # first step, or a .grad was replaced or dropped since the last zero_grad
-            was_none = []
-            for p, v in zip(self._params, views):
-                g = p.grad
-                if g is not v:
-                    if g is None:
-                        v.zero_()
-                    else:
-                        v.copy_(g)
-                        zero = False
-                    p.grad = v
-                was_none.append(absent if g is v else g is None)
-            self._flat_was_none = was_none
+            found = self._flat_adopt_grads()
+            self._flat_was_none = [absent if g is v else g is None for g, v in zip(found, views)]
+            zero = zero and all(g is v or g is None for g, v in zip(found, views))
             self._flat_installed = True
         self._flat_prev_zero = zero
         if not zero:  # passes are measured from here
@@ -622,7 +614,6 @@ class AdaScale:
             micro_sum, mean_sqnorm = world_size * values[0], values[-1]
             # Each flag was divided by the world size and summed: 1 where no rank's pass reached it.
             unreached = [v > 1.0 - 0.5 / world_size for v in values[1:-1]]
-            self._flat_unreached_dirty = any(v != 0.0 for v in values[1:-1])
         # A parameter that no pass reached had no gradient: give the inner optimizer None, as without us.
         if any(unreached):
             for p, no_pass, was_none in zip(self._params, unreached, self._flat_was_none):
@@ -630,17 +621,18 @@ class AdaScale:
                     p.grad = None
         return micro_sum, mean_sqnorm
 
-    def _flat_adopt_grads(self) -> None:
-        """Copy gradients the caller put in .grad back into the buffer before it is all-reduced."""
-        for i, (p, v) in enumerate(zip(self._params, self._flat_views)):
-            g = p.grad
+    def _flat_adopt_grads(self) -> list[torch.Tensor | None]:
+        """Make every .grad its buffer view again, copying in what the caller put there (zeros for
+        None). Returns the .grad each parameter had."""
+        found = [p.grad for p in self._params]
+        for p, v, g in zip(self._params, self._flat_views, found):
             if g is not v:
                 if g is None:
                     v.zero_()
-                    self._hook_calls[i] = 0  # no gradient here: None afterwards unless another rank has one
                 else:
                     v.copy_(g)
                 p.grad = v
+        return found
 
     def _grads_finite(self) -> bool:
         """One gradient per step: only the non-finite check, fused into one op for a small model."""
@@ -829,24 +821,26 @@ def _sum_of_squares(norms: list[torch.Tensor], device: torch.device) -> torch.Te
     return torch.dot(stacked, stacked)
 
 
-def _all_reduce(tensor: torch.Tensor, group: Any) -> torch.futures.Future:
-    """Asynchronous in-place sum over ``group``; the future's value is ``[tensor]``.
+def _all_reduce_work(tensor: torch.Tensor, group: Any) -> Any:
+    """Start an in-place sum over ``group``; returns the c10d work object.
 
     Calls the process group directly: ``dist.all_reduce``'s Python checks cost about as much as
     the enqueue itself (~80 us each, measured in a comm hook on the digits CNN)."""
     try:
-        return group.allreduce([tensor]).get_future()
+        return group.allreduce([tensor])
     except (AttributeError, TypeError):  # a group object without the method: the public call
-        return dist.all_reduce(tensor, group=group, async_op=True).get_future()
+        return dist.all_reduce(tensor, group=group, async_op=True)
+
+
+def _all_reduce(tensor: torch.Tensor, group: Any) -> torch.futures.Future:
+    """Asynchronous in-place sum over ``group``; the future's value is ``[tensor]``."""
+    return _all_reduce_work(tensor, group).get_future()
 
 
 def _all_reduce_now(tensor: torch.Tensor, group: Any) -> None:
-    """In-place sum over ``group``, waited for (on the work object, which lets go of the GIL)."""
-    try:
-        work = group.allreduce([tensor])
-    except (AttributeError, TypeError):  # a group object without the method: the public call
-        work = dist.all_reduce(tensor, group=group, async_op=True)
-    work.wait()
+    """In-place sum over ``group``, waited for on the work object (which lets go of the GIL; a
+    wait on its future measured slower in the DDP benchmark)."""
+    _all_reduce_work(tensor, group).wait()
 
 
 def _sqnorm(flat: torch.Tensor) -> torch.Tensor:

@@ -109,6 +109,10 @@ class TwoHeads(torch.nn.Module):
         return (self.head_a(h) if use_a else self.head_b(h)).squeeze(-1)
 
 
+def _grads(model: torch.nn.Module) -> list[torch.Tensor | None]:
+    return [None if p.grad is None else p.grad.detach().clone() for p in model.parameters()]
+
+
 def unused_params_worker(rank: int, world_size: int, out_dir: str) -> None:
     """Per rank: the gradients the inner optimizer saw, for bare DDP (find_unused_parameters) and
     for AdaScale attached to DDP, over the same two accumulation steps of two micro-batches."""
@@ -135,9 +139,9 @@ def unused_params_worker(rank: int, world_size: int, out_dir: str) -> None:
                         loss = torch.nn.functional.mse_loss(ddp(x, use_a=rank == 0), y)
                         (loss / 2).backward()
                 # What code between backward() and step() (clipping, logging) sees: averaged gradients.
-                before.append([None if p.grad is None else p.grad.detach().clone() for p in model.parameters()])
+                before.append(_grads(model))
                 opt.step()  # AdaScale hands the inner optimizer its gradients inside step()
-                grads.append([None if p.grad is None else p.grad.detach().clone() for p in model.parameters()])
+                grads.append(_grads(model))
                 opt.zero_grad()
             seen[arm] = {"grads": grads, "before_step": before, "params": [p.detach().clone() for p in model.parameters()]}
         torch.save(seen, os.path.join(out_dir, f"rank{rank}.pt"))
