@@ -265,6 +265,8 @@ class _TimedAdaScale(AdaScale):
         return hook
 
     def _reduced_statistics(self, world_size: int) -> tuple[float, float]:
+        if self._hook_kind == "flat":  # list appends: no Python body to time, only calls to count
+            self.hook_calls_total += sum(map(len, self._passes))
         start = time.perf_counter()
         out = super()._reduced_statistics(world_size)
         self.statistics_s += time.perf_counter() - start
@@ -412,13 +414,13 @@ def format_report(results: Sequence[OverheadResult], steps: int, warmup: int, wa
         lines += [
             "## Where the extra time goes (one process, wall-clock medians per step)",
             "",
-            "hooks: the gradient hooks' bodies (a small model in one process: noticing each new backward "
-            "pass and norming the finished one in the flat gradient buffer; otherwise keeping small "
-            "gradients and norming large ones); statistics: the last pass's and the averaged gradient's "
-            "norms and the one host sync; step bookkeeping: the rest of AdaScale.step outside the inner "
-            "SGD step (with S = 1 there are no hooks, and the fused non-finite check is counted here); "
-            "rest: extra time outside AdaScale's Python code (autograd calling the Python hooks, in-place "
-            "accumulation into the buffer, cache effects) and noise.",
+            "hooks: the Python gradient hooks' bodies (a large model: keeping small gradients and norming "
+            "large ones; a small model's hooks are list appends with no Python body, so only their calls "
+            "are counted); statistics: the norms of every pass's gradients and of the averaged gradient, "
+            "and the one host sync; step bookkeeping: the rest of AdaScale.step outside the inner SGD step "
+            "(with S = 1 there are no hooks, and the fused non-finite check is counted here); rest: extra "
+            "time outside AdaScale's Python code (autograd calling the hooks, in-place accumulation into "
+            "the flat buffer, cache effects) and noise.",
             "",
             format_breakdown(breakdowns),
         ]

@@ -43,9 +43,10 @@ Conventions chosen here:
 Cost (``benchmarks/overhead.py`` measures it): while S = 1 no hook is registered and a step adds
 one fused non-finite check. With S > 1, a gradient hook per parameter tensor per backward pass:
 
-- one process, a small model (``FLAT_MAX_NUMEL``): every ``.grad`` is a view of one flat buffer, so
-  a micro-batch gradient is the buffer's change over its backward pass; the hook only notices a new
-  pass, and each pass costs two ops whatever the number of tensors;
+- one process, a small model (``FLAT_MAX_NUMEL``): every ``.grad`` is a view of one flat buffer
+  (zeroed in one op, ``||g_bar||^2`` in one op), and the hook on each tensor is a list's own
+  ``append``, which autograd calls without running any Python: it keeps each pass's gradient, and
+  ``step()`` norms them all in one foreach op;
 - otherwise small gradients are only kept (a reference) and normed all together once per step;
   large ones are normed in the hook, where the memory traffic of the norm dwarfs the call;
 - under DDP, ``attach_ddp(model)`` makes a step add no collective at all. A small model keeps the
@@ -76,10 +77,14 @@ _SQRT_GAIN_OPTIMIZERS = (torch.optim.Adam, torch.optim.AdamW)
 #: for all of them) instead of one op each in the hook; above it the norm's memory traffic dominates.
 SMALL_GRAD_NUMEL = 1 << 15
 
-#: A model with at most this many gradient elements (one dtype, one device) accumulating in one
-#: process keeps its gradients as views of one flat buffer: a micro-batch gradient is then the
-#: buffer's change over one backward pass, so its norm is one op whatever the number of tensors.
+#: A model with at most this many gradient elements (one dtype, one device) accumulating keeps its
+#: gradients as views of one flat buffer, and every backward pass's gradients until ``step()``
+#: (``accumulation_steps`` gradient-sized tensors: at most 1 MiB each in float32).
 FLAT_MAX_NUMEL = 1 << 18
+
+#: The passes' gradients of a small model are copied into one temporary and normed in one op as
+#: long as that temporary has at most this many elements (8 MiB in float32); beyond, one norm each.
+PASSES_FLATTEN_NUMEL = 1 << 21
 
 #: A last DDP bucket up to this many elements carries the statistics inside its own all-reduce
 #: (one copy of the bucket); a larger one gets a second, asynchronous all-reduce of one float.
@@ -159,25 +164,26 @@ class AdaScale:
         # one op inside the comm hook, and the averaged ones after the all-reduce).
         self._mode: str | None = None
         self._step_world_size = 0  # world size read at this step's first hook (0: not yet)
-        # "flat" mode (one process, accumulation, a small model): every .grad is a view of _flat.
+        # "flat" mode (a small model accumulating, in one process or under an attached DDP model):
+        # every .grad is a view of _flat, and each parameter's list in _passes collects the gradient
+        # of every backward pass (a hook that is a list's own append: no Python runs per call).
         self._small = _is_small(self._params)  # fits FLAT_MAX_NUMEL in one dtype on one device
+        self._passes: list[list[torch.Tensor]] = [[] for _ in self._params]  # the same lists for life
         self._flat: torch.Tensor | None = None  # the gradients, flattened (allocated at first use)
         self._flat_full: torch.Tensor | None = None  # _flat, then the statistics' tail (see _flat_install)
         self._flat_tail: torch.Tensor | None = None
         self._flat_views: list[torch.Tensor] = []  # .grad of each parameter while installed
-        self._flat_prev: torch.Tensor | None = None  # _flat at the end of the previous backward pass
-        self._flat_prev_zero = True  # ...which was all zeros (no copy taken)
-        self._flat_installed = False  # the views are (meant to be) the parameters' .grad
-        self._flat_none = True  # zeroed views stand for absent gradients (zero_grad(set_to_none=True))
-        self._flat_zero = True  # the buffer is known to be all zeros (zero_grad ran since the last pass)
-        self._flat_was_none: list[bool] = []  # per parameter: no gradient when this step began
-        self._pass_task = -1  # autograd graph task of the backward pass seen last ("flat" mode)
-        self._flat_passes = 0  # backward passes seen this step ("flat" mode)
+        self._flat_absent = False  # zero_grad(set_to_none=True) zeroed the views: they stand for None
+        self._pass_task = -1  # autograd graph task of the backward pass seen last (flat sync)
+        self._flat_passes = 0  # backward passes seen this step (flat sync)
         self._flat_reduced = False  # attached DDP: this step's tail was all-reduced
-        self._flat_unmeasured = False  # a .grad was replaced before the all-reduce: no estimate this step
+        self._flat_unmeasured = False  # a .grad was not what the step's passes add up to: no estimate
         self._finite_buffers: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
         # Tensor hooks only while a step averages several gradients (S > 1); re-armed when it does.
+        # Kind: "flat" (list appends, one process), "flat-sync" (attached DDP, small model) or
+        # "tensor" (the per-gradient norms of _make_hook); None while no hook is registered.
         self._handles: list[Any] = []
+        self._hook_kind: str | None = None
         self._hooks_wanted = True  # False after remove_hooks()
         self._armed_buckets = False  # this step is measured in the DDP comm hook alone ("buckets")
         self._bucket_passes = 0  # last buckets the comm hook saw this step (synced backward passes)
@@ -260,16 +266,14 @@ class AdaScale:
     def zero_grad(self, set_to_none: bool = True) -> None:
         """Zero the gradients and forget a half-accumulated step (also after an abandoned step).
 
-        A small model accumulating in one process keeps its gradients as views of one buffer,
-        which this zeroes in one op; the inner optimizer still sees ``None`` for a parameter that
-        no backward pass reached when ``set_to_none`` (see ``FLAT_MAX_NUMEL``)."""
-        if self._flat_installed and all(p.grad is v or p.grad is None for p, v in zip(self._params, self._flat_views)):
+        A small model accumulating keeps its gradients as views of one buffer, which this zeroes
+        in one op; the inner optimizer still sees ``None`` for a parameter that no backward pass
+        reached when ``set_to_none`` (see ``FLAT_MAX_NUMEL``)."""
+        if self._flat_views and all(p.grad is v or p.grad is None for p, v in zip(self._params, self._flat_views)):
             self._flat_full.zero_()  # the gradients and the statistics' tail
-            self._flat_none = set_to_none
-            self._flat_zero = True
+            self._flat_absent = set_to_none
         else:
             self.optimizer.zero_grad(set_to_none=set_to_none)
-            self._flat_zero = False
         self._reset_accumulators()
         self._arm_hooks()
 
@@ -322,7 +326,14 @@ class AdaScale:
         ddp_current = self._ddp_group is not None and self._ddp_covers_params and self._ddp_world_size == world_size
         self._flat_sync = several and ddp_current and self._ddp_flat_ok
         self._armed_buckets = several and ddp_current and self.accumulation_steps == 1 and not self._flat_sync
-        self._set_hooks(several and not self._armed_buckets)
+        # One process, a small model, and no attached DDP model whose comm hook wants the norms.
+        flat_local = (several and world_size == 1 and self._small and not self._flat_sync
+                      and (self._ddp_group is None or self._ddp_world_size != 1))
+        if not several or self._armed_buckets:
+            kind = None
+        else:
+            kind = "flat-sync" if self._flat_sync else "flat" if flat_local else "tensor"
+        self._set_hooks(kind)
         self._set_ddp_sync(not self._flat_sync)
 
     def _attached_model(self) -> Any:
@@ -335,15 +346,26 @@ class AdaScale:
         if model is not None and model.require_backward_grad_sync != on:
             model.require_backward_grad_sync = on
 
-    def _set_hooks(self, on: bool) -> None:
-        if on and not self._handles:
+    def _set_hooks(self, kind: str | None) -> None:
+        if kind == self._hook_kind:
+            if kind in ("flat", "flat-sync"):
+                self._flat_install()  # adopt a .grad the caller replaced since (cheap when none was)
+            return
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+        if self._hook_kind in ("flat", "flat-sync") and kind not in ("flat", "flat-sync"):
+            self._flat_uninstall()
+        self._hook_kind = kind
+        if kind == "flat":
+            # The list's own append: autograd calls it with each pass's gradient, no Python frame.
+            self._handles = [p.register_hook(passes.append) for p, passes in zip(self._params, self._passes)]
+        elif kind == "flat-sync":
+            self._handles = [p.register_hook(self._make_sync_hook(i)) for i, p in enumerate(self._params)]
+        elif kind == "tensor":
             self._handles = [p.register_hook(self._make_hook(i)) for i, p in enumerate(self._params)]
-        elif not on and self._handles:
-            for handle in self._handles:
-                handle.remove()
-            self._handles = []
-            if self._flat_installed:
-                self._flat_uninstall()
+        if kind in ("flat", "flat-sync"):
+            self._flat_install()
 
     def step(self, closure: None = None) -> bool:
         """Apply one AdaScale step. Returns False when the step was skipped (non-finite gradients)."""
@@ -351,7 +373,11 @@ class AdaScale:
             raise AdaScaleError("step(closure): closures are not supported; run the backward passes first")
         hooked = bool(self._handles)
         if hooked or self._armed_buckets:
-            if hooked:
+            if self._hook_kind in ("flat", "flat-sync"):
+                backward_passes = max(map(len, self._passes))
+                self._mode = "flat"
+                self._step_world_size = self._ddp_world_size if self._flat_sync else self._world_size()
+            elif hooked:
                 backward_passes = max(self._hook_calls, default=0)
             else:  # counted by the comm hook; a pass under no_sync is not seen (nor allowed: one per step)
                 backward_passes = self._bucket_passes
@@ -453,13 +479,6 @@ class AdaScale:
             self._hook_calls[index] += 1
             if self._mode is None:  # decided once per step, at its first hook
                 self._mode = self._collection_mode()
-            if self._mode == "flat":
-                # Backward passes run one after another: the first hook of a new pass sees the
-                # buffer holding exactly the passes before it.
-                task = torch._C._current_graph_task_id()
-                if task != self._pass_task:
-                    self._flat_new_pass(task)
-                return
             if self._mode != "hooks":
                 return
             if grad.numel() <= SMALL_GRAD_NUMEL:
@@ -474,22 +493,31 @@ class AdaScale:
 
         return hook
 
+    def _make_sync_hook(self, index: int) -> Callable[[torch.Tensor], None]:
+        """Flat sync (attached DDP, small model): keep each pass's gradient, as in one process, and
+        all-reduce the buffer when the step's last backward pass ends."""
+        passes = self._passes[index]
+
+        def hook(grad: torch.Tensor) -> None:
+            passes.append(grad)
+            task = torch._C._current_graph_task_id()  # passes run one after another
+            if task != self._pass_task:
+                self._pass_task = task
+                self._flat_passes += 1
+                if self._flat_passes == self.accumulation_steps:
+                    # Where DDP's reducer would have: code between backward() and step() (clipping,
+                    # logging) sees averaged gradients.
+                    torch.autograd.Variable._execution_engine.queue_callback(self._flat_all_reduce)
+
+        return hook
+
     def _collection_mode(self) -> str:
         self._step_world_size = self._world_size()  # read once per step (a Python call into c10d)
         if self._step_world_size * self.accumulation_steps <= 1:
-            mode = "off"  # nothing to estimate (NaNs are still caught in g_bar)
-        elif self._flat_sync:
-            mode = "flat"  # attached DDP, small model: we all-reduce the buffer and the statistics
-        elif self._ddp_group is not None and self._ddp_covers_params and self.accumulation_steps == 1:
-            mode = "buckets"
-        elif self._small and self._step_world_size == 1 and (
-                self._ddp_group is None or self._ddp_world_size != 1):
-            mode = "flat"  # one process: its gradients are the average; no comm hook to serve
-        else:
-            mode = "hooks"
-        if mode != "flat" and self._flat_installed:
-            self._flat_uninstall()
-        return mode
+            return "off"  # nothing to estimate (NaNs are still caught in g_bar)
+        if self._ddp_group is not None and self._ddp_covers_params and self.accumulation_steps == 1:
+            return "buckets"
+        return "hooks"
 
     def _finite_check_buffers(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         buffers = self._finite_buffers.get(device)
@@ -498,38 +526,14 @@ class AdaScale:
         return buffers
 
     # ------------------------------------------------------------------------- "flat" mode
-    def _flat_new_pass(self, task: int) -> None:
-        """Called at the first hook of each backward pass: close the previous pass, if any."""
-        first = self._pass_task == -1
-        self._pass_task = task
-        self._flat_passes += 1
-        if first:
-            self._flat_install()
-        else:
-            self._micro_norms.append(self._flat_pass_sqnorm())
-            self._flat_prev.copy_(self._flat)
-            self._flat_prev_zero = False
-        if self._flat_sync and self._flat_passes == self.accumulation_steps:
-            # The step's last pass: all-reduce when it ends, where DDP's reducer would have, so that
-            # code between backward() and step() (clipping, logging) sees averaged gradients.
-            torch.autograd.Variable._execution_engine.queue_callback(self._flat_all_reduce)
-
     def _flat_all_reduce(self) -> None:
         """End of the step's last backward pass (attached DDP, small model): one all-reduce averages
-        the buffer and, in its tail, this rank's sum of squared pass norms and reached parameters."""
-        if any(p.grad is not v for p, v in zip(self._params, self._flat_views)):
-            # A .grad replaced during the step: average what the caller left there; measure nothing.
-            for i, g in enumerate(self._flat_adopt_grads()):
-                if g is None:  # no gradient here: None afterwards unless another rank has one
-                    self._hook_calls[i] = 0
-            self._flat_unmeasured = True
-        if self._micro_norms:
-            torch.sum(torch.stack([*self._micro_norms, self._flat_pass_sqnorm()]), 0, out=self._flat_stat)
-        else:
-            self._flat_pass_sqnorm(out=self._flat_stat)
-        calls = self._hook_calls
-        if 0 in calls:
-            self._flat_unreached.copy_(torch.tensor([float(c == 0) for c in calls]))
+        the buffer and, in its tail, this rank's sum of squared pass norms and its parameters without
+        a gradient."""
+        no_grad = self._flat_collect()
+        self._passes_sqnorm()
+        if any(no_grad):  # None afterwards unless another rank has a gradient there
+            self._flat_unreached.copy_(torch.tensor(no_grad, dtype=self._flat_unreached.dtype))
         else:  # the last all-reduce may have left other ranks' flags here
             self._flat_unreached.zero_()
         if self._ddp_world_size > 1:
@@ -541,98 +545,102 @@ class AdaScale:
         if model is not None:  # DDP broadcasts buffers at the next forward, as after its own sync
             model.require_forward_param_sync = True
 
-    def _flat_pass_sqnorm(self, out: torch.Tensor | None = None) -> torch.Tensor:
-        """||buffer - buffer at the previous boundary||^2: this pass's gradient (in place, 2 ops)."""
-        flat, prev = self._flat, self._flat_prev
-        diff = flat if self._flat_prev_zero else prev.sub_(flat)  # -(this pass's gradient); re-snapshot after
-        return torch.dot(diff, diff) if out is None else torch.dot(diff, diff, out=out)
-
     def _flat_install(self) -> None:
-        """Make every parameter's .grad a view of the flat buffer (before this step's first accumulation)."""
+        """Make each parameter's gradient a view of the flat buffer, from before the step's first
+        pass on, so that every pass accumulates into it. A parameter without one keeps None."""
         if self._flat is None:
             p0 = self._params[0]
             numel = sum(p.numel() for p in self._params)
             # The tail carries this rank's statistics through the all-reduce (attached DDP): the
-            # sum of squared pass norms, a flag per parameter that no pass reached, and a last slot
+            # sum of squared pass norms, a flag per parameter without a gradient, and a last slot
             # for ||g_bar||^2, written after the all-reduce. Preset views keep it to few ops a step.
             full = self._flat_full = torch.zeros(numel + len(self._params) + 2, dtype=p0.dtype, device=p0.device)
             self._flat, self._flat_tail = full[:numel], full[numel:]
             self._flat_stat, self._flat_unreached, self._flat_mean = full[numel], full[numel + 1:-1], full[-1]
-            self._flat_prev = torch.empty_like(self._flat)
             offsets = [0]
             for p in self._params:
                 offsets.append(offsets[-1] + p.numel())
             self._flat_views = [self._flat[a:b].view_as(p) for p, a, b in zip(self._params, offsets, offsets[1:])]
-        views = self._flat_views
-        zero = self._flat_zero
-        absent = self._flat_none and zero  # what a view that is still in place stands for
-        if self._flat_installed and all(p.grad is v for p, v in zip(self._params, views)):
-            self._flat_was_none = [absent] * len(views)
-        else:  # first step, or a .grad was replaced or dropped since the last zero_grad
-            found = self._flat_adopt_grads()
-            self._flat_was_none = [absent if g is v else g is None for g, v in zip(found, views)]
-            zero = zero and all(g is v or g is None for g, v in zip(found, views))
-            self._flat_installed = True
-        self._flat_prev_zero = zero
-        if not zero:  # passes are measured from here
-            self._flat_prev.copy_(self._flat)
-        self._flat_zero = False
+            self._flat_absent = False
+        for p, v in zip(self._params, self._flat_views):
+            if p.grad is not None and p.grad is not v:
+                v.copy_(p.grad)
+                p.grad = v
 
     def _flat_uninstall(self) -> None:
-        """Hand each parameter a .grad of its own again (a step in another mode is starting)."""
+        """Hand each parameter a .grad of its own again (steps gather their statistics otherwise now)."""
         for p, v in zip(self._params, self._flat_views):
             if p.grad is v:
-                p.grad = None if self._flat_none and self._flat_zero else v.clone()
-        self._flat_installed = False
+                p.grad = None if self._flat_absent else v.clone()
+
+    def _flat_collect(self) -> list[bool]:
+        """Make the buffer hold g_bar: copy each .grad that is not its view into the view and install
+        the view (zeros for None). Returns, per parameter, whether it has no gradient this step:
+        None, or a view that zero_grad(set_to_none=True) zeroed and no pass reached.
+
+        A .grad that is not its view is trusted only if it holds exactly its passes' sum, as one
+        accumulated from None does (``model.zero_grad()`` between steps); anything else replaced
+        mid-step does not fit the passes, and the step folds no estimate."""
+        found = [p.grad for p in self._params]
+        views, absent = self._flat_views, self._flat_absent
+        if all(g is v for g, v in zip(found, views)):  # as usual: every pass went into the buffer
+            return [absent and not passes for passes in self._passes]
+        for p, v, g, passes in zip(self._params, views, found, self._passes):
+            if g is v:
+                continue
+            if g is None:
+                v.zero_()
+                self._flat_unmeasured |= bool(passes)  # a pass's gradient was dropped
+            else:
+                total = torch.zeros_like(g)
+                for grad in passes:  # in the order autograd accumulated them
+                    total.add_(grad)
+                if not torch.allclose(g, total):
+                    self._flat_unmeasured = True
+                v.copy_(g)
+            p.grad = v
+        return [g is None or (absent and g is v and not passes) for g, v, passes in zip(found, views, self._passes)]
+
+    def _passes_sqnorm(self) -> None:
+        """sum over this step's passes and parameters of ||gradient||^2, into the tail's stat slot:
+        the passes' gradients are read once, in one copy and one dot while that copy stays small."""
+        held = [g for passes in self._passes for g in passes]
+        if not held:
+            self._flat_stat.zero_()
+        elif len(held) * self._flat.numel() <= PASSES_FLATTEN_NUMEL * len(self._passes):  # ~ passes x numel
+            packed = torch._utils._flatten_dense_tensors(held)
+            torch.dot(packed, packed, out=self._flat_stat)
+        else:  # many passes of a model near FLAT_MAX_NUMEL: no big temporary
+            norms = torch.stack(torch._foreach_norm(held))
+            torch.dot(norms, norms, out=self._flat_stat)
 
     def _flat_statistics(self) -> tuple[float, float]:
-        """(sum_i ||g_i / acc||^2 over all ranks, ||g_bar||^2) from the buffer: a few ops and one
-        host sync (with attached DDP, of what the all-reduce at the end of the last pass left)."""
-        flat = self._flat
+        """(sum_i ||g_i / acc||^2 over all ranks, ||g_bar||^2): one foreach norm over the passes'
+        gradients, one dot and one host sync (with attached DDP, of what the all-reduce at the end
+        of the last pass left)."""
         reduced, self._flat_reduced = self._flat_reduced, False
-        self._step_unmeasured = self._flat_unmeasured
-        replaced = [(p.grad, v) for p, v in zip(self._params, self._flat_views) if p.grad is not v]
-        if replaced:
-            self._flat_installed = False  # re-installed at the next step's first pass
-            # Someone put another tensor in .grad during the step. If it holds what the buffer holds
-            # (DDP with gradient_as_bucket_view at world size 1 copies it into its bucket), every
-            # pass went into the buffer. Otherwise later passes may have gone into the new tensor:
-            # measure nothing this step and check what the optimizer gets.
-            if not all(g is not None and torch.equal(g, v) for g, v in replaced):
-                self._step_unmeasured = True
-                if not reduced:
-                    grads = [p.grad for p in self._params if p.grad is not None]
-                    return 0.0, _sum_of_squares(torch._foreach_norm(grads), flat.device).item()
-        if not reduced:  # one process
-            # Squared norms here (dots), not norms: one op each.
-            values = torch.stack([*self._micro_norms, self._flat_pass_sqnorm(), torch.dot(flat, flat)]).tolist()
-            micro_sum, mean_sqnorm = sum(values[:-1]), values[-1]
-            unreached = [c == 0 for c in self._hook_calls]
-        else:
+        if reduced:
             values = self._flat_tail.tolist()
             world_size = self._ddp_world_size
             micro_sum, mean_sqnorm = world_size * values[0], values[-1]
-            # Each flag was divided by the world size and summed: 1 where no rank's pass reached it.
-            unreached = [v > 1.0 - 0.5 / world_size for v in values[1:-1]]
-        # A parameter that no pass reached had no gradient: give the inner optimizer None, as without us.
-        if any(unreached):
-            for p, no_pass, was_none in zip(self._params, unreached, self._flat_was_none):
-                if no_pass and was_none:
+            # Each flag was divided by the world size and summed: 1 where no rank has a gradient.
+            no_grad = [v > 1.0 - 0.5 / world_size for v in values[1:-1]]
+        else:  # one process
+            no_grad = self._flat_collect()
+            if self._step_world_size != 1:  # the world grew unseen: these are one rank's passes
+                self._flat_unmeasured = True
+            self._passes_sqnorm()
+            torch.dot(self._flat, self._flat, out=self._flat_mean)
+            values = self._flat_tail.tolist()  # the one host sync
+            micro_sum, mean_sqnorm = values[0], values[-1]
+        self._step_unmeasured = self._flat_unmeasured
+        # A parameter without a gradient gets None, as the inner optimizer would see without us.
+        if any(no_grad):
+            for p, none in zip(self._params, no_grad):
+                if none:
                     p.grad = None
+        self._flat_absent = False
         return micro_sum, mean_sqnorm
-
-    def _flat_adopt_grads(self) -> list[torch.Tensor | None]:
-        """Make every .grad its buffer view again, copying in what the caller put there (zeros for
-        None). Returns the .grad each parameter had."""
-        found = [p.grad for p in self._params]
-        for p, v, g in zip(self._params, self._flat_views, found):
-            if g is not v:
-                if g is None:
-                    v.zero_()
-                else:
-                    v.copy_(g)
-                p.grad = v
-        return found
 
     def _grads_finite(self) -> bool:
         """One gradient per step: only the non-finite check, fused into one op for a small model."""
@@ -771,6 +779,8 @@ class AdaScale:
 
     def _reset_accumulators(self) -> None:
         self._hook_calls = [0] * len(self._params)
+        for passes in self._passes:  # cleared, not replaced: the "flat" hooks are their appends
+            passes.clear()
         self._micro_norms = []
         self._held = []
         self._delivered = []

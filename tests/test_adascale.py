@@ -192,11 +192,12 @@ def test_nonfinite_gradient_skips_step_and_keeps_estimates():
     assert opt.steps == 2
 
 
-def _mixed_usage_run(flat: bool, monkeypatch) -> tuple[list, list, list[bool]]:
+def _mixed_usage_run(flat: bool, monkeypatch, packed: bool = True) -> tuple[list, list, list[bool]]:
     """Steps with accumulation, the caller's own zeroing, no zeroing, S=1, NaNs and unused params."""
     from elastic import adascale as adascale_module
 
     monkeypatch.setattr(adascale_module, "FLAT_MAX_NUMEL", 1 << 18 if flat else 0)
+    monkeypatch.setattr(adascale_module, "PASSES_FLATTEN_NUMEL", 1 << 21 if packed else 0)
     model = dh.make_model()
     unused = torch.nn.Parameter(torch.ones(3))
     opt = AdaScale(torch.optim.SGD([*model.parameters(), unused], lr=0.05, momentum=0.9, weight_decay=1e-2),
@@ -222,11 +223,12 @@ def _mixed_usage_run(flat: bool, monkeypatch) -> tuple[list, list, list[bool]]:
     return history, [p.detach().clone() for p in (*model.parameters(), unused)], absent
 
 
-def test_flat_gradient_buffer_matches_per_tensor_norms(monkeypatch):
-    """A small model accumulating in one process keeps .grad as views of one buffer and measures each
-    micro-batch as the buffer's change over its pass: same gains, skips and weights as per-tensor
-    norms, and an unused parameter still reaches the inner optimizer as None."""
-    flat_hist, flat_weights, flat_absent = _mixed_usage_run(True, monkeypatch)
+@pytest.mark.parametrize("packed", [True, False], ids=["one-copy", "foreach"])
+def test_flat_gradient_buffer_matches_per_tensor_norms(monkeypatch, packed):
+    """A small model accumulating in one process keeps .grad as views of one buffer and norms every
+    pass's gradients at step() (packed into one copy, or one norm each): same gains, skips and
+    weights as the per-tensor hooks, and an unused parameter still reaches the inner optimizer as None."""
+    flat_hist, flat_weights, flat_absent = _mixed_usage_run(True, monkeypatch, packed)
     ref_hist, ref_weights, ref_absent = _mixed_usage_run(False, monkeypatch)
     assert [h[4] for h in flat_hist] == [h[4] for h in ref_hist]
     assert sum(h[4] for h in flat_hist) == 2  # both NaN steps were skipped
@@ -240,31 +242,43 @@ def test_flat_gradient_buffer_matches_per_tensor_norms(monkeypatch):
     assert torch.equal(flat_weights[-1], torch.ones(3))
 
 
-def test_grad_replaced_during_a_flat_step_is_not_measured():
-    """Replacing a .grad (not in place) between the passes of a step hides the later passes from the
-    flat buffer: that step folds no estimate, updates with the gradient the caller left, and the next
-    step is measured again."""
+@pytest.mark.parametrize("swap", ["copy", "zeros"])
+def test_grad_replaced_during_a_flat_step(swap):
+    """A .grad replaced (not in place) between the passes of a step no longer accumulates into the
+    flat buffer. A copy still holds the passes' sum: the step is measured as if nothing happened.
+    Anything else (here zeros, dropping pass 1) does not fit the passes: the step folds no estimate,
+    updates with the gradient the caller left, and the next step is measured again."""
     torch.manual_seed(7)
-    w = torch.nn.Parameter(torch.zeros(4))
-    ref = torch.nn.Parameter(torch.zeros(4))
+    w, twin, ref = (torch.nn.Parameter(torch.zeros(4)) for _ in range(3))
     opt = AdaScale(torch.optim.SGD([w], lr=0.1), accumulation_steps=2)
+    twin_opt = AdaScale(torch.optim.SGD([twin], lr=0.1), accumulation_steps=2)  # never swapped
     plain = torch.optim.SGD([ref], lr=0.1)
-    linear_param_step(opt, w, [torch.randn(4) + 1.0 for _ in range(2)])
+    first = [torch.randn(4) + 1.0 for _ in range(2)]
+    linear_param_step(opt, w, first)
+    linear_param_step(twin_opt, twin, first)
     ref.data.copy_(w.data)
     assert opt.num_estimates == 1
     grads = [torch.randn(4) + 1.0 for _ in range(2)]
     (w @ grads[0] / 2).backward()
-    w.grad = w.grad.clone()  # the caller swaps the tensor; pass 2 accumulates into the new one
+    w.grad = w.grad.clone() if swap == "copy" else torch.zeros(4)  # pass 2 accumulates into the new one
     (w @ grads[1] / 2).backward()
     assert opt.step()
-    assert opt.num_estimates == 1
-    plain.param_groups[0]["lr"] = 0.1 * opt.gain
-    ref.grad = (grads[0] + grads[1]) / 2
-    plain.step()
-    assert torch.allclose(w.detach(), ref.detach(), atol=1e-6)
+    linear_param_step(twin_opt, twin, grads)
+    if swap == "copy":
+        assert opt.num_estimates == 2
+        assert (opt.gain, opt.grad_variance, opt.grad_sqnorm) == (twin_opt.gain, twin_opt.grad_variance,
+                                                                  twin_opt.grad_sqnorm)
+        assert torch.equal(w.detach(), twin.detach())
+    else:
+        assert opt.num_estimates == 1
+        plain.param_groups[0]["lr"] = 0.1 * opt.gain
+        ref.grad = grads[1] / 2
+        plain.step()
+        assert torch.allclose(w.detach(), ref.detach(), atol=1e-6)
+    assert w.grad.untyped_storage().data_ptr() == opt._flat.untyped_storage().data_ptr()  # adopted
     opt.zero_grad()
     linear_param_step(opt, w, [torch.randn(4) + 1.0 for _ in range(2)])
-    assert opt.num_estimates == 2
+    assert opt.num_estimates == (3 if swap == "copy" else 2)
 
 
 def test_no_hooks_while_one_gradient_per_step(monkeypatch):
