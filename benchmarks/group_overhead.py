@@ -65,6 +65,7 @@ def _ddp_rank(rank: int, world: int, port: int, job: Any, commands: Any, results
 
     from elastic.sampler import ElasticSampler
     from elastic.task import load_task
+    from elastic.distributed import destroy_process_group
     from elastic.worker import build_adascale
 
     torch.set_num_threads(max(1, int(job.cluster.num_cpus_per_worker)))
@@ -102,7 +103,8 @@ def _ddp_rank(rank: int, world: int, port: int, job: Any, commands: Any, results
             if rank == 0:
                 results.put(("times", times, loss))
     finally:
-        dist.destroy_process_group()
+        ddp = opt = model = None  # noqa: F841 (gone before the group: see destroy_process_group)
+        destroy_process_group()
 
 
 class PlainDDP:

@@ -45,6 +45,7 @@ from torch.nn import functional as F
 
 from benchmarks.common import RESULTS_DIR, markdown_table, single_thread, write_text
 from elastic.adascale import AdaScale
+from elastic.distributed import destroy_process_group
 
 MODELS = ("digits", "mlp-wide", "mlp-deep")
 
@@ -216,7 +217,7 @@ def _ddp_worker(rank: int, config: OverheadConfig, steps: int, warmup: int, port
             fields.pop("config")
             Path(out).write_text(json.dumps(fields))
     finally:
-        dist.destroy_process_group()
+        destroy_process_group()
 
 
 def _free_port() -> int:

@@ -46,7 +46,7 @@ one fused non-finite check. With S > 1, a gradient hook per parameter tensor per
 - one process, a small model (``FLAT_MAX_NUMEL``): every ``.grad`` is a view of one flat buffer
   (zeroed in one op, ``||g_bar||^2`` in one op), and the hook on each tensor is a list's own
   ``append``, which autograd calls without running any Python: it keeps each pass's gradient, and
-  ``step()`` norms them all in one foreach op;
+  ``step()`` norms them all at once (one packed copy, one dot);
 - otherwise small gradients are only kept (a reference) and normed all together once per step;
   large ones are normed in the hook, where the memory traffic of the norm dwarfs the call;
 - under DDP, ``attach_ddp(model)`` makes a step add no collective at all. A small model keeps the
@@ -569,9 +569,9 @@ class AdaScale:
 
     def _flat_uninstall(self) -> None:
         """Hand each parameter a .grad of its own again (steps gather their statistics otherwise now)."""
-        for p, v in zip(self._params, self._flat_views):
+        for p, v, passes in zip(self._params, self._flat_views, self._passes):
             if p.grad is v:
-                p.grad = None if self._flat_absent else v.clone()
+                p.grad = None if self._flat_absent and not passes else v.clone()
 
     def _flat_collect(self) -> list[bool]:
         """Make the buffer hold g_bar: copy each .grad that is not its view into the view and install
@@ -615,9 +615,9 @@ class AdaScale:
             torch.dot(norms, norms, out=self._flat_stat)
 
     def _flat_statistics(self) -> tuple[float, float]:
-        """(sum_i ||g_i / acc||^2 over all ranks, ||g_bar||^2): one foreach norm over the passes'
-        gradients, one dot and one host sync (with attached DDP, of what the all-reduce at the end
-        of the last pass left)."""
+        """(sum_i ||g_i / acc||^2 over all ranks, ||g_bar||^2): the passes' gradients normed at once,
+        one dot and one host sync (with attached DDP, of what the all-reduce at the end of the last
+        pass left)."""
         reduced, self._flat_reduced = self._flat_reduced, False
         if reduced:
             values = self._flat_tail.tolist()

@@ -120,9 +120,9 @@ class ElasticWorker:
         return {"worker_id": self.worker_id, "steps_done": self.steps_done, "join_s": time.perf_counter() - started}
 
     def leave(self) -> None:
+        self.ddp = self.model  # the DDP wrapper goes before its process group does
         if dist.is_initialized():
             dist.destroy_process_group()
-        self.ddp = self.model
         self.rank, self.world_size = -1, 0
 
     # ------------------------------------------------------------------------ state

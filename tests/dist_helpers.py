@@ -8,6 +8,8 @@ import os
 import torch
 import torch.distributed as dist
 
+from elastic.distributed import destroy_process_group
+
 
 def init_gloo(rank: int, world_size: int, out_dir: str) -> None:
     """Rendezvous through a file in the test's own folder: no TCP port to pick, so none that another
@@ -64,7 +66,6 @@ def ddp_worker(rank: int, world_size: int, accumulation: int, steps: int, nan_ra
     ``piggyback_max`` overrides adascale.PIGGYBACK_MAX_NUMEL (0: the separate one-float path),
     ``flat_max`` adascale.FLAT_MAX_NUMEL (0: DDP's comm hook instead of AdaScale's own reduce)."""
     from elastic import adascale
-    from elastic.adascale import AdaScale
 
     if piggyback_max is not None:
         adascale.PIGGYBACK_MAX_NUMEL = piggyback_max
@@ -72,25 +73,32 @@ def ddp_worker(rank: int, world_size: int, accumulation: int, steps: int, nan_ra
         adascale.FLAT_MAX_NUMEL = flat_max
     torch.set_num_threads(1)
     init_gloo(rank, world_size, out_dir)
-    try:
-        model = make_model()
-        ddp = torch.nn.parallel.DistributedDataParallel(model)
-        opt = AdaScale(torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9), accumulation_steps=accumulation)
-        if attach:
-            opt.attach_ddp(ddp)
-        total = world_size * accumulation
-
-        def mine(step):
-            allb = micro_batches(step, total)
-            return allb[rank * accumulation:(rank + 1) * accumulation]
-
-        hist = run_steps(model, opt, ddp, mine, steps, accumulation, nan_at_step=nan_step if rank == nan_rank else None,
-                         no_sync=no_sync)
-        torch.save({"history": hist, "params": [p.detach().clone() for p in model.parameters()],
-                    "tensor_hooks": len(opt._handles), "ddp_sync": ddp.require_backward_grad_sync},
-                   os.path.join(out_dir, f"rank{rank}.pt"))
+    try:  # in a function of its own: the models are gone before the group is
+        _ddp_run(rank, world_size, accumulation, steps, nan_rank, nan_step, out_dir, attach, no_sync)
     finally:
-        dist.destroy_process_group()
+        destroy_process_group()
+
+
+def _ddp_run(rank: int, world_size: int, accumulation: int, steps: int, nan_rank: int | None,
+             nan_step: int | None, out_dir: str, attach: bool, no_sync: bool) -> None:
+    from elastic.adascale import AdaScale
+
+    model = make_model()
+    ddp = torch.nn.parallel.DistributedDataParallel(model)
+    opt = AdaScale(torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9), accumulation_steps=accumulation)
+    if attach:
+        opt.attach_ddp(ddp)
+    total = world_size * accumulation
+
+    def mine(step):
+        allb = micro_batches(step, total)
+        return allb[rank * accumulation:(rank + 1) * accumulation]
+
+    hist = run_steps(model, opt, ddp, mine, steps, accumulation, nan_at_step=nan_step if rank == nan_rank else None,
+                     no_sync=no_sync)
+    torch.save({"history": hist, "params": [p.detach().clone() for p in model.parameters()],
+                "tensor_hooks": len(opt._handles), "ddp_sync": ddp.require_backward_grad_sync},
+               os.path.join(out_dir, f"rank{rank}.pt"))
 
 
 class TwoHeads(torch.nn.Module):
@@ -116,34 +124,38 @@ def _grads(model: torch.nn.Module) -> list[torch.Tensor | None]:
 def unused_params_worker(rank: int, world_size: int, out_dir: str) -> None:
     """Per rank: the gradients the inner optimizer saw, for bare DDP (find_unused_parameters) and
     for AdaScale attached to DDP, over the same two accumulation steps of two micro-batches."""
-    from elastic.adascale import AdaScale
-
     torch.set_num_threads(1)
     init_gloo(rank, world_size, out_dir)
     try:
-        seen = {}
-        for arm in ("bare", "adascale"):
-            model = TwoHeads()
-            ddp = torch.nn.parallel.DistributedDataParallel(model, find_unused_parameters=True)
-            sgd = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, weight_decay=1e-2)
-            opt = sgd
-            if arm == "adascale":
-                opt = AdaScale(sgd, scale=1.0, accumulation_steps=2)  # scale 1: the same lr as bare
-                opt.attach_ddp(ddp)
-            grads, before = [], []
-            for step in range(2):
-                micro = micro_batches(step, 2 * world_size)[2 * rank:2 * rank + 2]
-                for i, (x, y) in enumerate(micro):
-                    ctx = ddp.no_sync() if i == 0 else contextlib.nullcontext()
-                    with ctx:
-                        loss = torch.nn.functional.mse_loss(ddp(x, use_a=rank == 0), y)
-                        (loss / 2).backward()
-                # What code between backward() and step() (clipping, logging) sees: averaged gradients.
-                before.append(_grads(model))
-                opt.step()  # AdaScale hands the inner optimizer its gradients inside step()
-                grads.append(_grads(model))
-                opt.zero_grad()
-            seen[arm] = {"grads": grads, "before_step": before, "params": [p.detach().clone() for p in model.parameters()]}
-        torch.save(seen, os.path.join(out_dir, f"rank{rank}.pt"))
+        _unused_params_run(rank, world_size, out_dir)
     finally:
-        dist.destroy_process_group()
+        destroy_process_group()
+
+
+def _unused_params_run(rank: int, world_size: int, out_dir: str) -> None:
+    from elastic.adascale import AdaScale
+
+    seen = {}
+    for arm in ("bare", "adascale"):
+        model = TwoHeads()
+        ddp = torch.nn.parallel.DistributedDataParallel(model, find_unused_parameters=True)
+        sgd = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, weight_decay=1e-2)
+        opt = sgd
+        if arm == "adascale":
+            opt = AdaScale(sgd, scale=1.0, accumulation_steps=2)  # scale 1: the same lr as bare
+            opt.attach_ddp(ddp)
+        grads, before = [], []
+        for step in range(2):
+            micro = micro_batches(step, 2 * world_size)[2 * rank:2 * rank + 2]
+            for i, (x, y) in enumerate(micro):
+                ctx = ddp.no_sync() if i == 0 else contextlib.nullcontext()
+                with ctx:
+                    loss = torch.nn.functional.mse_loss(ddp(x, use_a=rank == 0), y)
+                    (loss / 2).backward()
+            # What code between backward() and step() (clipping, logging) sees: averaged gradients.
+            before.append(_grads(model))
+            opt.step()  # AdaScale hands the inner optimizer its gradients inside step()
+            grads.append(_grads(model))
+            opt.zero_grad()
+        seen[arm] = {"grads": grads, "before_step": before, "params": [p.detach().clone() for p in model.parameters()]}
+    torch.save(seen, os.path.join(out_dir, f"rank{rank}.pt"))

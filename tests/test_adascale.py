@@ -10,6 +10,7 @@ import torch
 import torch.multiprocessing as mp
 
 from elastic.adascale import AdaScale, AdaScaleError, gain_ratio
+from elastic.distributed import destroy_process_group
 from elastic.schedules import Step
 from tests import dist_helpers as dh
 
@@ -474,7 +475,7 @@ def test_attach_ddp_carries_statistics_in_ddp_all_reduce(tmp_path, monkeypatch, 
         for attached, plain in zip(weights[True], weights[False]):
             assert torch.allclose(attached, plain, atol=1e-6)
     finally:
-        dist.destroy_process_group()
+        destroy_process_group()
 
 
 @pytest.mark.slow
