@@ -78,8 +78,9 @@ _SQRT_GAIN_OPTIMIZERS = (torch.optim.Adam, torch.optim.AdamW)
 SMALL_GRAD_NUMEL = 1 << 15
 
 #: A model with at most this many gradient elements (one dtype, one device) accumulating keeps its
-#: gradients as views of one flat buffer, and every backward pass's gradients until ``step()``
-#: (``accumulation_steps`` gradient-sized tensors: at most 1 MiB each in float32).
+#: gradients as views of one flat buffer, and every backward pass's gradients until ``step()`` or
+#: ``zero_grad()`` (``accumulation_steps`` gradient-sized tensors: at most 1 MiB each in float32;
+#: backward passes run without either in between keep adding to them).
 FLAT_MAX_NUMEL = 1 << 18
 
 #: The passes' gradients of a small model are copied into one temporary and normed in one op as
