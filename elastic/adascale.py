@@ -92,6 +92,10 @@ PASSES_FLATTEN_NUMEL = 1 << 21
 PIGGYBACK_MAX_NUMEL = 1 << 18
 
 
+#: Hook kinds that keep every .grad as a view of the flat buffer (one process / attached DDP).
+_FLAT_KINDS = ("flat", "flat-sync")
+
+
 class AdaScaleError(RuntimeError):
     """AdaScale was used in a way it cannot serve (one-line message)."""
 
@@ -328,7 +332,7 @@ class AdaScale:
         self._flat_sync = several and ddp_current and self._ddp_flat_ok
         self._armed_buckets = several and ddp_current and self.accumulation_steps == 1 and not self._flat_sync
         # One process, a small model, and no attached DDP model whose comm hook wants the norms.
-        flat_local = (several and world_size == 1 and self._small and not self._flat_sync
+        flat_local = (several and world_size == 1 and self._small
                       and (self._ddp_group is None or self._ddp_world_size != 1))
         if not several or self._armed_buckets:
             kind = None
@@ -349,13 +353,13 @@ class AdaScale:
 
     def _set_hooks(self, kind: str | None) -> None:
         if kind == self._hook_kind:
-            if kind in ("flat", "flat-sync"):
+            if kind in _FLAT_KINDS:
                 self._flat_install()  # adopt a .grad the caller replaced since (cheap when none was)
             return
         for handle in self._handles:
             handle.remove()
         self._handles = []
-        if self._hook_kind in ("flat", "flat-sync") and kind not in ("flat", "flat-sync"):
+        if self._hook_kind in _FLAT_KINDS and kind not in _FLAT_KINDS:
             self._flat_uninstall()
         self._hook_kind = kind
         if kind == "flat":
@@ -365,7 +369,7 @@ class AdaScale:
             self._handles = [p.register_hook(self._make_sync_hook(i)) for i, p in enumerate(self._params)]
         elif kind == "tensor":
             self._handles = [p.register_hook(self._make_hook(i)) for i, p in enumerate(self._params)]
-        if kind in ("flat", "flat-sync"):
+        if kind in _FLAT_KINDS:
             self._flat_install()
 
     def step(self, closure: None = None) -> bool:
@@ -374,7 +378,7 @@ class AdaScale:
             raise AdaScaleError("step(closure): closures are not supported; run the backward passes first")
         hooked = bool(self._handles)
         if hooked or self._armed_buckets:
-            if self._hook_kind in ("flat", "flat-sync"):
+            if self._hook_kind in _FLAT_KINDS:
                 backward_passes = max(map(len, self._passes))
                 self._mode = "flat"
                 self._step_world_size = self._ddp_world_size if self._flat_sync else self._world_size()
