@@ -11,12 +11,18 @@ a shared machine is far less disturbed by other processes than the wall clock; u
 out time spent blocked in communication). The load average is written next to the table.
 
     python -m benchmarks.overhead [--steps 300] [--warmup 50] [--repeats 1] [--quick] [--no-breakdown]
-                                  [--models digits ...] [--out DIR]
+                                  [--control] [--default-malloc] [--models digits ...] [--out DIR]
 
 ``--repeats N`` measures every config N times, each with freshly built models (and, under DDP,
 fresh processes), and reports the median of the N ratios with all of them listed: on a shared
 machine one run's ratio can be off by several percent for reasons that stay fixed for the run
 (where each arm's tensors happen to sit in memory, what else runs), which interleaving cannot cancel.
+
+``--control`` adds a second bare arm, built and timed like the first: the bare/bare ratio shows
+what noise alone gives on this machine. Unless ``--default-malloc`` is given, glibc malloc's mmap
+and trim thresholds are fixed first (``benchmarks.common.steady_malloc``): by default freed memory
+goes back to the system and comes back as page faults, thousands per step, in numbers that differ
+from run to run and between arms. The table gives each arm's page faults per step either way.
 
 Without ``--quick`` a second table splits AdaScale's extra time in one process into its parts
 (stop-watches around the hooks, the statistics and the step; see ``breakdown``).
@@ -29,6 +35,7 @@ import contextlib
 import copy
 import json
 import os
+import resource
 import statistics
 import sys
 import tempfile
@@ -43,7 +50,7 @@ import torch.multiprocessing as mp
 from torch import nn
 from torch.nn import functional as F
 
-from benchmarks.common import RESULTS_DIR, markdown_table, single_thread, write_text
+from benchmarks.common import RESULTS_DIR, markdown_table, single_thread, steady_malloc, write_text
 from elastic.adascale import AdaScale
 from elastic.distributed import destroy_process_group
 
@@ -93,14 +100,28 @@ class OverheadResult:
     adascale_ms: float
     bare_cpu_ms: float
     adascale_cpu_ms: float
+    bare_faults: float = 0.0
+    """Page faults (minor) per timed step of the bare arm, mean over the steps."""
+    adascale_faults: float = 0.0
+    control_ms: float | None = None
+    """A second bare arm, built and timed exactly like the first (``--control``): the ratio of the
+    two is what this machine's noise alone gives."""
     repeat_ratios: tuple[float, ...] = ()
     """Wall-clock ratio of each repeat (empty: one measurement)."""
     repeat_cpu_ratios: tuple[float, ...] = ()
+    repeat_control_ratios: tuple[float, ...] = ()
 
     @property
     def ratio(self) -> float:
         """Wall-clock AdaScale / bare (the median over the repeats)."""
         return statistics.median(self.repeat_ratios) if self.repeat_ratios else self.adascale_ms / self.bare_ms
+
+    @property
+    def control_ratio(self) -> float | None:
+        """Wall-clock second bare arm / bare (the median over the repeats); None without a control."""
+        if self.repeat_control_ratios:
+            return statistics.median(self.repeat_control_ratios)
+        return None if self.control_ms is None else self.control_ms / self.bare_ms
 
     @property
     def cpu_ratio(self) -> float:
@@ -118,7 +139,11 @@ def combine(repeats: Sequence[OverheadResult]) -> OverheadResult:
         adascale_ms=statistics.median(r.adascale_ms for r in repeats),
         bare_cpu_ms=statistics.median(r.bare_cpu_ms for r in repeats),
         adascale_cpu_ms=statistics.median(r.adascale_cpu_ms for r in repeats),
-        repeat_ratios=tuple(r.ratio for r in repeats), repeat_cpu_ratios=tuple(r.cpu_ratio for r in repeats))
+        bare_faults=statistics.median(r.bare_faults for r in repeats),
+        adascale_faults=statistics.median(r.adascale_faults for r in repeats),
+        control_ms=None if repeats[0].control_ms is None else statistics.median(r.control_ms for r in repeats),
+        repeat_ratios=tuple(r.ratio for r in repeats), repeat_cpu_ratios=tuple(r.cpu_ratio for r in repeats),
+        repeat_control_ratios=() if repeats[0].control_ms is None else tuple(r.control_ratio for r in repeats))
 
 
 def build_model(name: str) -> tuple[nn.Module, int, Sequence[int]]:
@@ -151,8 +176,13 @@ def _batches(config: OverheadConfig, classes: int, shape: Sequence[int], rank: i
     return pool
 
 
-def _timed_step(model: nn.Module, opt, micro, ddp: bool) -> tuple[float, float]:
-    """(wall seconds, process CPU seconds) of one optimizer step."""
+def _minor_faults() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+
+
+def _timed_step(model: nn.Module, opt, micro, ddp: bool) -> tuple[float, float, int]:
+    """(wall seconds, process CPU seconds, minor page faults) of one optimizer step."""
+    faults = _minor_faults()
     wall, cpu = time.perf_counter(), time.process_time()
     last = len(micro) - 1
     for i, (x, y) in enumerate(micro):
@@ -160,17 +190,22 @@ def _timed_step(model: nn.Module, opt, micro, ddp: bool) -> tuple[float, float]:
             (F.cross_entropy(model(x), y) / len(micro)).backward()
     opt.step()
     opt.zero_grad()
-    return time.perf_counter() - wall, time.process_time() - cpu
+    wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
+    return wall, cpu, _minor_faults() - faults
 
 
-def measure(config: OverheadConfig, steps: int, warmup: int, rank: int = 0) -> OverheadResult:
-    """Interleaved timing of the two arms in this process (inside a process group if one is up)."""
+def measure(config: OverheadConfig, steps: int, warmup: int, rank: int = 0, control: bool = False) -> OverheadResult:
+    """Interleaved timing of the arms in this process (inside a process group if one is up): bare,
+    AdaScale and, with ``control``, a second bare arm; the order rotates from step to step."""
     torch.manual_seed(0)
     net, classes, shape = build_model(config.model)
     bare_net, ada_net = net, copy.deepcopy(net)
     ddp = config.world_size > 1
-    bare_model = nn.parallel.DistributedDataParallel(bare_net) if ddp else bare_net
-    ada_model = nn.parallel.DistributedDataParallel(ada_net) if ddp else ada_net
+
+    def wrap(module: nn.Module) -> nn.Module:
+        return nn.parallel.DistributedDataParallel(module) if ddp else module
+
+    bare_model, ada_model = wrap(bare_net), wrap(ada_net)
 
     def sgd(module: nn.Module) -> torch.optim.SGD:
         return torch.optim.SGD(module.parameters(), lr=1e-3, momentum=0.9, weight_decay=5e-4)
@@ -179,12 +214,16 @@ def measure(config: OverheadConfig, steps: int, warmup: int, rank: int = 0) -> O
     if ddp:  # the statistics ride on DDP's gradient all-reduce, as in the worker group
         ada_opt.attach_ddp(ada_model)
     arms = {"bare": (bare_model, sgd(bare_net)), "adascale": (ada_model, ada_opt)}
+    if control:
+        control_net = copy.deepcopy(bare_net)
+        arms["control"] = (wrap(control_net), sgd(control_net))
+    names = tuple(arms)
     pool = _batches(config, classes, shape, rank)
     acc = config.accumulation_steps
-    times: dict[str, list[tuple[float, float]]] = {"bare": [], "adascale": []}
+    times: dict[str, list[tuple[float, float, int]]] = {name: [] for name in names}
     for k in range(warmup + steps):
         micro = [pool[(k * acc + i) % len(pool)] for i in range(acc)]
-        order = ("bare", "adascale") if k % 2 == 0 else ("adascale", "bare")
+        order = names[k % len(names):] + names[:k % len(names)]
         for arm in order:
             if ddp:
                 dist.barrier()
@@ -194,6 +233,9 @@ def measure(config: OverheadConfig, steps: int, warmup: int, rank: int = 0) -> O
     def median_ms(arm: str, which: int) -> float:
         return 1e3 * statistics.median(t[which] for t in times[arm])
 
+    def faults(arm: str) -> float:
+        return statistics.fmean(t[2] for t in times[arm])
+
     return OverheadResult(
         config=config,
         parameters=sum(p.numel() for p in bare_net.parameters()),
@@ -202,16 +244,22 @@ def measure(config: OverheadConfig, steps: int, warmup: int, rank: int = 0) -> O
         adascale_ms=median_ms("adascale", 0),
         bare_cpu_ms=median_ms("bare", 1),
         adascale_cpu_ms=median_ms("adascale", 1),
+        bare_faults=faults("bare"),
+        adascale_faults=faults("adascale"),
+        control_ms=median_ms("control", 0) if control else None,
     )
 
 
-def _ddp_worker(rank: int, config: OverheadConfig, steps: int, warmup: int, port: int, out: str) -> None:
+def _ddp_worker(rank: int, config: OverheadConfig, steps: int, warmup: int, port: int, out: str,
+                control: bool, steady: bool) -> None:
     single_thread()
+    if steady:
+        steady_malloc()
     os.environ["MASTER_ADDR"] = "127.0.0.1"
     os.environ["MASTER_PORT"] = str(port)
     dist.init_process_group("gloo", rank=rank, world_size=config.world_size)
     try:
-        result = measure(config, steps, warmup, rank)
+        result = measure(config, steps, warmup, rank, control)
         if rank == 0:
             fields = asdict(result)
             fields.pop("config")
@@ -228,12 +276,16 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def measure_ddp(config: OverheadConfig, steps: int, warmup: int) -> OverheadResult:
-    """Spawn ``world_size`` single-threaded gloo ranks and measure inside them."""
+def measure_ddp(config: OverheadConfig, steps: int, warmup: int, control: bool = False,
+                steady: bool = False) -> OverheadResult:
+    """Spawn ``world_size`` single-threaded gloo ranks and measure inside them (``steady``: with
+    :func:`~benchmarks.common.steady_malloc` in each rank)."""
     with tempfile.TemporaryDirectory() as tmp:
         out = os.path.join(tmp, "rank0.json")
-        mp.spawn(_ddp_worker, args=(config, steps, warmup, _free_port(), out), nprocs=config.world_size, join=True)
+        mp.spawn(_ddp_worker, args=(config, steps, warmup, _free_port(), out, control, steady),
+                 nprocs=config.world_size, join=True)
         data = json.loads(Path(out).read_text())
+    data = {k: tuple(v) if isinstance(v, list) else v for k, v in data.items()}
     return OverheadResult(config=config, **data)
 
 
@@ -350,15 +402,23 @@ def format_breakdown(rows: Sequence[Breakdown]) -> str:
     ])
 
 
-def run(configs: Sequence[OverheadConfig], steps: int, warmup: int, log=print, repeats: int = 1) -> list[OverheadResult]:
+def run(configs: Sequence[OverheadConfig], steps: int, warmup: int, log=print, repeats: int = 1,
+        control: bool = False, steady: bool = False) -> list[OverheadResult]:
+    """Measure every config ``repeats`` times. ``steady``: the spawned DDP ranks call
+    :func:`~benchmarks.common.steady_malloc` (the caller does it for this process)."""
     single_thread()
     results = []
     for config in configs:
         measured = []
         for _ in range(repeats):
-            res = measure_ddp(config, steps, warmup) if config.world_size > 1 else measure(config, steps, warmup)
+            if config.world_size > 1:
+                res = measure_ddp(config, steps, warmup, control, steady)
+            else:
+                res = measure(config, steps, warmup, control=control)
+            extra = "" if res.control_ratio is None else f", control {res.control_ratio:.3f}"
             log(f"{config.label}: bare {res.bare_ms:.3f} ms, AdaScale {res.adascale_ms:.3f} ms, ratio {res.ratio:.3f} "
-                f"(CPU ratio {res.cpu_ratio:.3f})")
+                f"(CPU ratio {res.cpu_ratio:.3f}{extra}), page faults per step {res.bare_faults:.0f} / "
+                f"{res.adascale_faults:.0f}")
             measured.append(res)
         results.append(combine(measured))
     return results
@@ -386,28 +446,44 @@ QUICK_CONFIGS = (
 )
 
 TABLE_HEADERS = ("config", "parameters", "bare median ms", "AdaScale median ms", "ratio",
-                 "bare CPU ms", "AdaScale CPU ms", "CPU ratio", "ratio of each repeat")
+                 "bare CPU ms", "AdaScale CPU ms", "CPU ratio", "page faults per step, bare / AdaScale",
+                 "ratio of each repeat")
+CONTROL_HEADERS = ("control ratio (bare / bare)", "control ratio of each repeat")
 
 
 def format_table(results: Sequence[OverheadResult]) -> str:
-    return markdown_table(TABLE_HEADERS, [
-        (r.config.label, f"{r.parameters:,}", f"{r.bare_ms:.3f}", f"{r.adascale_ms:.3f}", f"{r.ratio:.3f}",
-         f"{r.bare_cpu_ms:.3f}", f"{r.adascale_cpu_ms:.3f}", f"{r.cpu_ratio:.3f}",
-         ", ".join(f"{x:.3f}" for x in r.repeat_ratios) or f"{r.ratio:.3f}")
-        for r in results
-    ])
+    """The results as a markdown table; with the control columns when any result has a control arm."""
+    control = any(r.control_ratio is not None for r in results)
+
+    def each(ratios: Sequence[float], one: float | None) -> str:
+        return ", ".join(f"{x:.3f}" for x in ratios) or ("-" if one is None else f"{one:.3f}")
+
+    def row(r: OverheadResult) -> tuple[str, ...]:
+        cells = (r.config.label, f"{r.parameters:,}", f"{r.bare_ms:.3f}", f"{r.adascale_ms:.3f}", f"{r.ratio:.3f}",
+                 f"{r.bare_cpu_ms:.3f}", f"{r.adascale_cpu_ms:.3f}", f"{r.cpu_ratio:.3f}",
+                 f"{r.bare_faults:.0f} / {r.adascale_faults:.0f}", each(r.repeat_ratios, r.ratio))
+        if control:
+            ratio = r.control_ratio
+            cells += ("-" if ratio is None else f"{ratio:.3f}", each(r.repeat_control_ratios, ratio))
+        return cells
+
+    return markdown_table(TABLE_HEADERS + (CONTROL_HEADERS if control else ()), [row(r) for r in results])
 
 
 def format_report(results: Sequence[OverheadResult], steps: int, warmup: int, wall_s: float,
-                  load_before: float, load_after: float, breakdowns: Sequence[Breakdown] = (), repeats: int = 1) -> str:
+                  load_before: float, load_after: float, breakdowns: Sequence[Breakdown] = (), repeats: int = 1,
+                  steady: bool = False) -> str:
     times = (f"; each config measured {repeats} times with fresh models, times and ratios are the medians "
              "over those repeats") if repeats > 1 else ""
+    malloc = ("glibc malloc with fixed mmap and trim thresholds (benchmarks.common.steady_malloc)" if steady
+              else "the C library's default malloc")
     lines = [
         "# AdaScale step-time overhead",
         "",
         f"Median of {steps} interleaved steps per arm after {warmup} warm-up steps{times}; SGD momentum 0.9, "
         f"weight decay 5e-4; torch {torch.__version__}, 1 thread per process, {os.cpu_count()} cores; "
-        f"wall time {wall_s:.0f} s; 1-minute load average {load_before:.1f} before, {load_after:.1f} after.",
+        f"{malloc}; wall time {wall_s:.0f} s; 1-minute load average {load_before:.1f} before, "
+        f"{load_after:.1f} after.",
         "",
         format_table(results),
     ]
@@ -435,6 +511,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=1, help="measurements per config (fresh models each)")
     parser.add_argument("--quick", action="store_true", help="3 digits configs, 10 steps (a smoke run)")
     parser.add_argument("--no-breakdown", action="store_true", help="skip the per-part breakdown")
+    parser.add_argument("--control", action="store_true",
+                        help="time a second bare arm too: the bare/bare ratio is the noise floor")
+    parser.add_argument("--default-malloc", action="store_true",
+                        help="leave glibc malloc's thresholds alone (page faults vary from run to run)")
     parser.add_argument("--models", nargs="+", choices=MODELS, default=list(MODELS),
                         help="only the rows of these models (default: all)")
     parser.add_argument("--out", type=Path, default=RESULTS_DIR, help="folder for overhead.md")
@@ -446,13 +526,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         configs, steps, warmup = QUICK_CONFIGS, min(steps, 10), min(warmup, 2)
     configs = tuple(c for c in configs if c.model in args.models)
 
+    steady = not args.default_malloc and steady_malloc()
     load_before, start = os.getloadavg()[0], time.perf_counter()
-    results = run(configs, steps, warmup, repeats=args.repeats)
+    results = run(configs, steps, warmup, repeats=args.repeats, control=args.control, steady=steady)
     breakdowns = [] if args.quick or args.no_breakdown else [
         breakdown(c, steps, warmup) for c in configs if c.world_size == 1
     ]
     report = format_report(results, steps, warmup, time.perf_counter() - start, load_before, os.getloadavg()[0],
-                           breakdowns, args.repeats)
+                           breakdowns, args.repeats, steady)
     print(report)
     path = write_text(args.out / ("overhead_quick.md" if args.quick else "overhead.md"), report)
     print(f"wrote {path}", file=sys.stderr)

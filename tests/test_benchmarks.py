@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import math
 import re
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -136,16 +139,31 @@ def test_bad_sweep_config_raises_typed_errors():
 
 # ----------------------------------------------------------------------------------- overhead
 def test_overhead_quick_writes_its_table(tmp_path):
-    assert overhead.main(["--quick", "--out", str(tmp_path)]) == 0
+    assert overhead.main(["--quick", "--control", "--out", str(tmp_path)]) == 0
     rows = _table_rows((tmp_path / "overhead_quick.md").read_text())
     assert [r[0] for r in rows] == [c.label for c in overhead.QUICK_CONFIGS]
-    for _, params, bare_ms, ada_ms, ratio, bare_cpu, ada_cpu, cpu_ratio, each in rows:
+    for _, params, bare_ms, ada_ms, ratio, bare_cpu, ada_cpu, cpu_ratio, faults, each, control, _ in rows:
         assert int(params.replace(",", "")) > 1000
         assert float(bare_ms) > 0 and float(ada_ms) > 0 and float(bare_cpu) > 0 and float(ada_cpu) > 0
         assert float(ratio) == pytest.approx(float(ada_ms) / float(bare_ms), abs=2e-3)
         assert float(cpu_ratio) == pytest.approx(float(ada_cpu) / float(bare_cpu), abs=2e-3)
+        assert all(float(f) >= 0 for f in faults.split(" / "))
         assert each == ratio  # one measurement per config
-    assert re.search(r"Median of 10 interleaved steps", (tmp_path / "overhead_quick.md").read_text())
+        assert 0.5 < float(control) < 2.0  # the second bare arm ran (its ratio is noise only)
+    text = (tmp_path / "overhead_quick.md").read_text()
+    assert re.search(r"Median of 10 interleaved steps", text)
+    assert "control ratio (bare / bare)" in text and "fixed mmap and trim thresholds" in text
+
+
+def test_steady_malloc_on_glibc():
+    """In a fresh interpreter (the test process keeps its allocator): True exactly where libc is glibc."""
+    import platform
+
+    code = "from benchmarks.common import steady_malloc; print(steady_malloc(), steady_malloc())"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         cwd=Path(__file__).resolve().parents[1]).stdout.split()
+    glibc = platform.system() == "Linux" and platform.libc_ver()[0] == "glibc"
+    assert out == [str(glibc)] * 2
 
 
 def test_overhead_repeats_report_the_median_ratio():
@@ -157,6 +175,13 @@ def test_overhead_repeats_report_the_median_ratio():
     assert row.ratio == pytest.approx(1.02) and row.cpu_ratio == pytest.approx(1.02)  # not 10.5 / 10.0
     assert row.bare_ms == 10.0 and row.adascale_ms == 10.5
     assert "1.050, 0.990, 1.020" in overhead.format_table([row])
+    assert "control" not in overhead.format_table([row])  # no control arm, no control columns
+    controlled = overhead.combine([overhead.OverheadResult(config, 100, 10, 10.0, 10.5, 10.0, 10.5, 5.0, 7.0, ctl)
+                                   for ctl in (10.1, 9.8, 10.3)])
+    assert controlled.control_ratio == pytest.approx(1.01) and controlled.control_ms == 10.1
+    table = overhead.format_table([controlled, row])
+    assert "1.010, 0.980, 1.030" in table and "| 5 / 7 |" in table
+    assert table.splitlines()[-1].endswith("| - | - |")  # a row measured without the control arm
 
 
 def test_overhead_rejects_unknown_model():
