@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -59,12 +60,19 @@ def run_steps(model, opt, ddp_model, micro_for_rank, steps: int, accumulation: i
     return history
 
 
+def zero_grad_for(zero: str, model: torch.nn.Module, opt) -> Any:
+    """The call that ends a step in run_steps (see ddp_worker's ``zero``)."""
+    return {"adascale": opt.zero_grad, "model": model.zero_grad, "none": lambda: None}[zero]
+
+
 def ddp_worker(rank: int, world_size: int, accumulation: int, steps: int, nan_rank: int | None,
                nan_step: int | None, out_dir: str, attach: bool = False, no_sync: bool = True,
-               piggyback_max: int | None = None, flat_max: int | None = None) -> None:
+               piggyback_max: int | None = None, flat_max: int | None = None, zero: str = "adascale") -> None:
     """One DDP rank. ``attach``: the statistics ride on DDP's all-reduce (AdaScale.attach_ddp);
     ``piggyback_max`` overrides adascale.PIGGYBACK_MAX_NUMEL (0: the separate one-float path),
-    ``flat_max`` adascale.FLAT_MAX_NUMEL (0: DDP's comm hook instead of AdaScale's own reduce)."""
+    ``flat_max`` adascale.FLAT_MAX_NUMEL (0: DDP's comm hook instead of AdaScale's own reduce);
+    ``zero``: what runs after each step, ``adascale`` (opt.zero_grad), ``model`` (model.zero_grad:
+    None gradients) or ``none`` (gradients carry over into the next step)."""
     from elastic import adascale
 
     if piggyback_max is not None:
@@ -74,13 +82,13 @@ def ddp_worker(rank: int, world_size: int, accumulation: int, steps: int, nan_ra
     torch.set_num_threads(1)
     init_gloo(rank, world_size, out_dir)
     try:  # in a function of its own: the models are gone before the group is
-        _ddp_run(rank, world_size, accumulation, steps, nan_rank, nan_step, out_dir, attach, no_sync)
+        _ddp_run(rank, world_size, accumulation, steps, nan_rank, nan_step, out_dir, attach, no_sync, zero)
     finally:
         destroy_process_group()
 
 
 def _ddp_run(rank: int, world_size: int, accumulation: int, steps: int, nan_rank: int | None,
-             nan_step: int | None, out_dir: str, attach: bool, no_sync: bool) -> None:
+             nan_step: int | None, out_dir: str, attach: bool, no_sync: bool, zero: str = "adascale") -> None:
     from elastic.adascale import AdaScale
 
     model = make_model()
@@ -94,8 +102,9 @@ def _ddp_run(rank: int, world_size: int, accumulation: int, steps: int, nan_rank
         allb = micro_batches(step, total)
         return allb[rank * accumulation:(rank + 1) * accumulation]
 
+    opt.zero_grad()  # a clean start, whatever ends each step
     hist = run_steps(model, opt, ddp, mine, steps, accumulation, nan_at_step=nan_step if rank == nan_rank else None,
-                     no_sync=no_sync)
+                     no_sync=no_sync, zero_grad=zero_grad_for(zero, model, opt))
     torch.save({"history": hist, "params": [p.detach().clone() for p in model.parameters()],
                 "tensor_hooks": len(opt._handles), "ddp_sync": ddp.require_backward_grad_sync},
                os.path.join(out_dir, f"rank{rank}.pt"))

@@ -368,7 +368,8 @@ def test_misuse_raises_typed_errors():
 def _run_ddp(world_size: int, accumulation: int, steps: int, tmp_path, nan_rank=None, nan_step=None, **options):
     mp.spawn(dh.ddp_worker, args=(world_size, accumulation, steps, nan_rank, nan_step, str(tmp_path),
                                   options.get("attach", False), options.get("no_sync", True),
-                                  options.get("piggyback_max"), options.get("flat_max")),
+                                  options.get("piggyback_max"), options.get("flat_max"),
+                                  options.get("zero", "adascale")),
              nprocs=world_size, join=True)
     return [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(world_size)]
 
@@ -418,6 +419,28 @@ def test_ddp_gain_equals_single_process_accumulation(world_size, accumulation, o
     for p_dist, p_single in zip(results[0]["params"], model.parameters()):
         assert torch.allclose(p_dist, p_single.detach(), atol=1e-5)
     assert single[-1][0] > 1.0  # the test is not vacuous: the gain moved away from 1
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("zero", ["none", "model"])
+def test_attached_flat_one_pass_without_adascale_zero_grad(zero, tmp_path):
+    """With one pass per step, the buffer's own dot stands for the pass's norm, but only in a buffer
+    that AdaScale.zero_grad zeroed: gradients carried over from the last step (``none``) or set to
+    None by the model (``model``) must still give the gains of one process accumulating the same
+    micro-batches, ended the same way."""
+    steps, world = 4, 2
+    results = _run_ddp(world, 1, steps, tmp_path, attach=True, zero=zero)
+    assert results[1]["history"] == results[0]["history"]
+    assert not results[0]["ddp_sync"]  # AdaScale's own flat all-reduce ran
+    model = dh.make_model()
+    opt = AdaScale(torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9), accumulation_steps=world)
+    opt.zero_grad()
+    single = dh.run_steps(model, opt, model, lambda s: dh.micro_batches(s, world), steps, world,
+                          zero_grad=dh.zero_grad_for(zero, model, opt))
+    for dist_row, single_row in zip(results[0]["history"], single):
+        assert dist_row[0] == pytest.approx(single_row[0], rel=1e-6, abs=1e-6)  # gain
+        assert dist_row[2] == pytest.approx(single_row[2], rel=1e-5, abs=1e-7)  # sigma^2
+    assert single[-1][0] > 1.0 and not any(row[4] for row in single)
 
 
 @pytest.mark.parametrize("flat", [True, False], ids=["flat-sync", "comm-hook"])
