@@ -179,7 +179,8 @@ class AdaScale:
         self._flat_tail: torch.Tensor | None = None
         self._flat_views: list[torch.Tensor] = []  # .grad of each parameter while installed
         self._flat_absent = False  # zero_grad(set_to_none=True) zeroed the views: they stand for None
-        self._flat_clean = False  # zero_grad zeroed the buffer and nothing has been adopted into it since
+        # zero_grad zeroed the buffer, and nothing since has written to it but this step's passes
+        self._flat_clean = False
         self._pass_task = -1  # autograd graph task of the backward pass seen last (flat sync)
         self._flat_passes = 0  # backward passes seen this step (flat sync)
         self._flat_reduced = False  # attached DDP: this step's tail was all-reduced
@@ -275,14 +276,17 @@ class AdaScale:
         A small model accumulating keeps its gradients as views of one buffer, which this zeroes
         in one op; the inner optimizer still sees ``None`` for a parameter that no backward pass
         reached when ``set_to_none`` (see ``FLAT_MAX_NUMEL``)."""
-        if self._flat_views and all(p.grad is v or p.grad is None for p, v in zip(self._params, self._flat_views)):
+        zeroed = bool(self._flat_views) and all(p.grad is v or p.grad is None
+                                                for p, v in zip(self._params, self._flat_views))
+        if zeroed:
             self._flat_full.zero_()  # the gradients and the statistics' tail
             self._flat_absent = set_to_none
-            self._flat_clean = True
         else:
             self.optimizer.zero_grad(set_to_none=set_to_none)
         self._reset_accumulators()
         self._arm_hooks()
+        # Arming adopts nothing here (every .grad was a view or None), so the buffer is still zero.
+        self._flat_clean = zeroed
 
     def attach_ddp(self, model: torch.nn.Module) -> None:
         """Carry the statistics inside ``model``'s gradient all-reduce: a step adds no collective.
@@ -328,6 +332,7 @@ class AdaScale:
         when an attached DDP model with one backward pass per step shows every bucket to the comm
         hook. The world size is read here, after a step, at zero_grad and at set_scale/attach_ddp; a
         step whose world grew unseen gets no estimate of its own."""
+        self._flat_clean = False  # set_scale, attach_ddp, ... mid-step: the buffer may hold passes
         world_size = self._world_size()
         several = self._hooks_wanted and world_size * self.accumulation_steps > 1
         ddp_current = self._ddp_group is not None and self._ddp_covers_params and self._ddp_world_size == world_size
