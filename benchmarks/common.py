@@ -1,4 +1,5 @@
-"""Helpers shared by the benchmarks: thread pinning, batch fetching, markdown tables, result files."""
+"""Helpers shared by the benchmarks: thread pinning, steady malloc thresholds, batch fetching,
+markdown tables, result files."""
 
 from __future__ import annotations
 
