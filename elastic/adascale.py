@@ -179,7 +179,9 @@ class AdaScale:
         self._flat_tail: torch.Tensor | None = None
         self._flat_views: list[torch.Tensor] = []  # .grad of each parameter while installed
         self._flat_absent = False  # zero_grad(set_to_none=True) zeroed the views: they stand for None
-        # zero_grad zeroed the buffer, and nothing since has written to it but this step's passes
+        # zero_grad zeroed the buffer, and nothing since has written to it but this step's passes.
+        # Set by zero_grad after arming; cleared by arming (which is where adopting happens), by a
+        # .grad found replaced at the all-reduce, and once a step has used the buffer.
         self._flat_clean = False
         self._pass_task = -1  # autograd graph task of the backward pass seen last (flat sync)
         self._flat_passes = 0  # backward passes seen this step (flat sync)
@@ -585,7 +587,6 @@ class AdaScale:
             if p.grad is not None and p.grad is not v:
                 v.copy_(p.grad)
                 p.grad = v
-                self._flat_clean = False
 
     def _flat_uninstall(self) -> None:
         """Hand each parameter a .grad of its own again (steps gather their statistics otherwise now)."""
