@@ -52,7 +52,7 @@ from torch.nn import functional as F
 
 from benchmarks.common import RESULTS_DIR, markdown_table, single_thread, steady_malloc, write_text
 from elastic.adascale import AdaScale
-from elastic.distributed import destroy_process_group
+from elastic.distributed import destroy_process_group, exit_spawned_rank
 
 MODELS = ("digits", "mlp-wide", "mlp-deep")
 
@@ -266,6 +266,7 @@ def _ddp_worker(rank: int, config: OverheadConfig, steps: int, warmup: int, port
             Path(out).write_text(json.dumps(fields))
     finally:
         destroy_process_group()
+    exit_spawned_rank()
 
 
 def _free_port() -> int:

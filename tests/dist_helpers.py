@@ -9,7 +9,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from elastic.distributed import destroy_process_group
+from elastic.distributed import destroy_process_group, exit_spawned_rank
 
 
 def init_gloo(rank: int, world_size: int, out_dir: str) -> None:
@@ -85,6 +85,7 @@ def ddp_worker(rank: int, world_size: int, accumulation: int, steps: int, nan_ra
         _ddp_run(rank, world_size, accumulation, steps, nan_rank, nan_step, out_dir, attach, no_sync, zero)
     finally:
         destroy_process_group()
+    exit_spawned_rank()
 
 
 def _ddp_run(rank: int, world_size: int, accumulation: int, steps: int, nan_rank: int | None,
@@ -139,6 +140,7 @@ def unused_params_worker(rank: int, world_size: int, out_dir: str) -> None:
         _unused_params_run(rank, world_size, out_dir)
     finally:
         destroy_process_group()
+    exit_spawned_rank()
 
 
 def _unused_params_run(rank: int, world_size: int, out_dir: str) -> None:
