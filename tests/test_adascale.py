@@ -193,6 +193,22 @@ def test_nonfinite_gradient_skips_step_and_keeps_estimates():
     assert opt.steps == 2
 
 
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+def test_nonfinite_gradient_at_scale_one_skips_only_that_step(bad):
+    """S = 1 (no statistics) still checks: a bad step is skipped, and the fused check's flag is
+    reset, so the finite steps before and after it run."""
+    w = torch.nn.Parameter(torch.zeros(3))
+    opt = AdaScale(torch.optim.SGD([w], lr=0.1))
+    results = []
+    for grad in ([1.0, 2.0, 3.0], [bad, 0.0, 0.0], [1.0, 1.0, 1.0], [2.0, 0.0, 0.0]):
+        w.grad = torch.tensor(grad)
+        results.append(opt.step())
+        opt.zero_grad()
+    assert results == [True, False, True, True]
+    assert (opt.steps, opt.skipped_steps, opt.progress) == (3, 1, 3.0)
+    assert torch.allclose(w.detach(), -0.1 * torch.tensor([4.0, 3.0, 4.0]))
+
+
 def _mixed_usage_run(flat: bool, monkeypatch, packed: bool = True) -> tuple[list, list, list[bool]]:
     """Steps with accumulation, the caller's own zeroing, no zeroing, S=1, NaNs and unused params."""
     from elastic import adascale as adascale_module
@@ -280,6 +296,21 @@ def test_grad_replaced_during_a_flat_step(swap):
     opt.zero_grad()
     linear_param_step(opt, w, [torch.randn(4) + 1.0 for _ in range(2)])
     assert opt.num_estimates == (3 if swap == "copy" else 2)
+
+
+def test_zero_grad_rearms_a_resting_optimizer_when_the_world_changes(monkeypatch):
+    """Resting (S = 1: nothing armed), zero_grad skips the reset and re-arm, but not the world
+    size: a group that grew or shrank since the step arms or disarms the hooks."""
+    w = torch.nn.Parameter(torch.zeros(4))
+    opt = AdaScale(torch.optim.SGD([w], lr=0.01))
+    assert linear_param_step(opt, w, [torch.randn(4)])
+    assert opt._handles == []
+    monkeypatch.setattr(opt, "_world_size", lambda: 2)
+    opt.zero_grad()
+    assert len(opt._handles) == 1
+    monkeypatch.setattr(opt, "_world_size", lambda: 1)
+    opt.zero_grad()
+    assert opt._handles == []
 
 
 def test_no_hooks_while_one_gradient_per_step(monkeypatch):
