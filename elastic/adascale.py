@@ -198,6 +198,7 @@ class AdaScale:
         self._bucket_passes = 0  # last buckets the comm hook saw this step (synced backward passes)
         self._step_unmeasured = False  # this step's statistics could not be trusted: no estimate folded
         self._rest_world = 0  # armed with nothing, for this world size (0: something is armed)
+        self._rest_accumulation = accumulation_steps  # ... and these backward passes per step
         self._arm_hooks()
 
     # ----------------------------------------------------------------- public read-only state
@@ -331,11 +332,12 @@ class AdaScale:
     def _forget_and_rearm(self, world_size: int = 0) -> None:
         """Forget the step's accumulators and arm the hooks for the next step (``world_size``: read
         just now by the caller). Resting (nothing armed: S = 1, or after remove_hooks) in the world
-        it was armed for, only the comm hook's pass count can have moved, and that is all this
-        resets. Right after the backward passes, with cold caches, the full reset and re-arm took
-        11.4 us of a digits b32 S = 1 step() in the training loop (1.2 us resting); alone in a
-        hot loop, under 2 us."""
-        if self._rest_world and (world_size or self._world_size()) == self._rest_world:
+        and with the accumulation it was armed for, only the comm hook's pass count can have moved,
+        and that is all this resets. Right after the backward passes, with cold caches, the full
+        reset and re-arm took 11.4 us of a digits b32 S = 1 step() in the training loop (1.2 us
+        resting); alone in a hot loop, under 2 us."""
+        if (self._rest_world and (world_size or self._world_size()) == self._rest_world
+                and self.accumulation_steps == self._rest_accumulation):  # (also set by hand)
             self._bucket_passes = 0
             return
         self._reset_accumulators()
@@ -363,6 +365,7 @@ class AdaScale:
         self._set_hooks(kind)
         self._set_ddp_sync(not self._flat_sync)
         self._rest_world = world_size if kind is None and not self._armed_buckets else 0
+        self._rest_accumulation = self.accumulation_steps
 
     def _attached_model(self) -> Any:
         """The DDP model given to attach_ddp, while it is alive (None otherwise)."""

@@ -311,6 +311,9 @@ def test_zero_grad_rearms_a_resting_optimizer_when_the_world_changes(monkeypatch
     monkeypatch.setattr(opt, "_world_size", lambda: 1)
     opt.zero_grad()
     assert opt._handles == []
+    opt.accumulation_steps = 2  # by hand, not through set_scale
+    opt.zero_grad()
+    assert len(opt._handles) == 1
 
 
 def test_no_hooks_while_one_gradient_per_step(monkeypatch):
