@@ -177,6 +177,7 @@ class AdaScale:
         self._flat: torch.Tensor | None = None  # the gradients, flattened (allocated at first use)
         self._flat_full: torch.Tensor | None = None  # _flat, then the statistics' tail (see _flat_install)
         self._flat_tail: torch.Tensor | None = None
+        self._flat_tail_host: Any = None  # on CPU, a NumPy view of the tail: read without a dispatch
         self._flat_views: list[torch.Tensor] = []  # .grad of each parameter while installed
         self._flat_absent = False  # zero_grad(set_to_none=True) zeroed the views: they stand for None
         # zero_grad zeroed the buffer, and nothing since has written to it but this step's passes.
@@ -567,7 +568,8 @@ class AdaScale:
         the buffer and, in its tail, this rank's sum of squared pass norms and its parameters without
         a gradient."""
         no_grad = self._flat_collect()
-        if self._flat_clean and self.accumulation_steps == 1:
+        clean = self._flat_clean  # zero_grad zeroed the whole buffer, the tail's flags included
+        if clean and self.accumulation_steps == 1:
             # One pass into a zeroed buffer: the buffer is that pass's gradient, in the order the
             # packed copy would have, so its dot is the same sum without the copy.
             torch.dot(self._flat, self._flat, out=self._flat_stat)
@@ -576,7 +578,7 @@ class AdaScale:
         self._flat_clean = False  # it holds this step's gradients now
         if any(no_grad):  # None afterwards unless another rank has a gradient there
             self._flat_unreached.copy_(torch.tensor(no_grad, dtype=self._flat_unreached.dtype))
-        else:  # the last all-reduce may have left other ranks' flags here
+        elif not clean:  # the last all-reduce may have left other ranks' flags here
             self._flat_unreached.zero_()
         if self._ddp_world_size > 1:
             self._flat_full.div_(self._ddp_world_size)  # as DDP averages: divide, then sum
@@ -599,6 +601,7 @@ class AdaScale:
             # for ||g_bar||^2, written after the all-reduce. Preset views keep it to few ops a step.
             full = self._flat_full = torch.zeros(numel + len(self._params) + 2, dtype=p0.dtype, device=p0.device)
             self._flat, self._flat_tail = full[:numel], full[numel:]
+            self._flat_tail_host = self._flat_tail.numpy() if full.device.type == "cpu" else None
             self._flat_stat, self._flat_unreached, self._flat_mean = full[numel], full[numel + 1:-1], full[-1]
             offsets = [0]
             for p in self._params:
@@ -658,6 +661,10 @@ class AdaScale:
             norms = torch.stack(torch._foreach_norm(held))
             torch.dot(norms, norms, out=self._flat_stat)
 
+    def _flat_tail_values(self) -> list[float]:
+        host = self._flat_tail_host
+        return host.tolist() if host is not None else self._flat_tail.tolist()
+
     def _flat_statistics(self) -> tuple[float, float]:
         """(sum_i ||g_i / acc||^2 over all ranks, ||g_bar||^2): the passes' gradients normed at once,
         one dot and one host sync (with attached DDP, of what the all-reduce at the end of the last
@@ -665,7 +672,7 @@ class AdaScale:
         reduced, self._flat_reduced = self._flat_reduced, False
         self._flat_clean = False
         if reduced:
-            values = self._flat_tail.tolist()
+            values = self._flat_tail_values()
             world_size = self._ddp_world_size
             micro_sum, mean_sqnorm = world_size * values[0], values[-1]
             # Each flag was divided by the world size and summed: 1 where no rank has a gradient.
@@ -676,7 +683,7 @@ class AdaScale:
                 self._flat_unmeasured = True
             self._passes_sqnorm()
             torch.dot(self._flat, self._flat, out=self._flat_mean)
-            values = self._flat_tail.tolist()  # the one host sync
+            values = self._flat_tail_values()  # the one host sync
             micro_sum, mean_sqnorm = values[0], values[-1]
         self._step_unmeasured = self._flat_unmeasured
         # A parameter without a gradient gets None, as the inner optimizer would see without us.

@@ -114,16 +114,20 @@ def _ddp_run(rank: int, world_size: int, accumulation: int, steps: int, nan_rank
 class TwoHeads(torch.nn.Module):
     """``shared`` always; ``head_a`` only on rank 0's batches; ``spare`` never reaches the loss."""
 
-    def __init__(self, dim: int = 6) -> None:
+    def __init__(self, dim: int = 6, spare: bool = True) -> None:
         super().__init__()
         torch.manual_seed(0)
         self.shared = torch.nn.Linear(dim, 8)
         self.head_a = torch.nn.Linear(8, 1)
         self.head_b = torch.nn.Linear(8, 1)
-        self.spare = torch.nn.Linear(8, 1)
+        if spare:
+            self.spare = torch.nn.Linear(8, 1)
 
-    def forward(self, x: torch.Tensor, use_a: bool) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, use_a: bool | None) -> torch.Tensor:
+        """``use_a`` None: both heads."""
         h = torch.tanh(self.shared(x))
+        if use_a is None:
+            return (self.head_a(h) + self.head_b(h)).squeeze(-1)
         return (self.head_a(h) if use_a else self.head_b(h)).squeeze(-1)
 
 
@@ -170,3 +174,35 @@ def _unused_params_run(rank: int, world_size: int, out_dir: str) -> None:
             opt.zero_grad()
         seen[arm] = {"grads": grads, "before_step": before, "params": [p.detach().clone() for p in model.parameters()]}
     torch.save(seen, os.path.join(out_dir, f"rank{rank}.pt"))
+
+
+def head_switch_worker(rank: int, world_size: int, out_dir: str, zero: str) -> None:
+    """Per rank, AdaScale attached to DDP (flat sync): step 0 reaches head_b only, on every rank,
+    then ``zero`` (see ddp_worker), then step 1 reaches every parameter. Saves which of head_a's
+    gradients the inner optimizer got as None at each step, and head_a's weights."""
+    torch.set_num_threads(1)
+    init_gloo(rank, world_size, out_dir)
+    try:
+        _head_switch_run(rank, world_size, out_dir, zero)
+    finally:
+        destroy_process_group()
+    exit_spawned_rank()
+
+
+def _head_switch_run(rank: int, world_size: int, out_dir: str, zero: str) -> None:
+    from elastic.adascale import AdaScale
+
+    model = TwoHeads(spare=False)
+    ddp = torch.nn.parallel.DistributedDataParallel(model, find_unused_parameters=True)
+    opt = AdaScale(torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, weight_decay=1e-2))
+    opt.attach_ddp(ddp)
+    opt.zero_grad()
+    none_at_step, zero_grad = [], zero_grad_for(zero, model, opt)
+    for step, use_a in enumerate((False, None)):
+        x, y = micro_batches(step, world_size)[rank]
+        torch.nn.functional.mse_loss(ddp(x, use_a=use_a), y).backward()
+        opt.step()
+        none_at_step.append([p.grad is None for p in model.head_a.parameters()])
+        zero_grad()
+    torch.save({"none": none_at_step, "head_a": [p.detach().clone() for p in model.head_a.parameters()]},
+               os.path.join(out_dir, f"rank{rank}.pt"))

@@ -561,3 +561,20 @@ def test_attached_flat_sync_gives_the_optimizer_what_ddp_gives(tmp_path):
             assert torch.allclose(a, b, rtol=1e-6, atol=1e-7)
     for p0, p1 in zip(ranks[0]["adascale"]["params"], ranks[1]["adascale"]["params"]):
         assert torch.equal(p0, p1)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("zero", ["adascale", "model", "none"])
+def test_attached_flat_no_gradient_flags_do_not_outlive_their_step(zero, tmp_path):
+    """The tail's "no gradient" flags of one step (head_a reached by no rank) must not mark head_a
+    gradient-less at the next step, which reaches every parameter, however the caller zeroes
+    between steps (opt.zero_grad zeroes the flags with the buffer; otherwise the all-reduce does)."""
+    world_size = 2
+    mp.spawn(dh.head_switch_worker, args=(world_size, str(tmp_path), zero), nprocs=world_size, join=True)
+    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(world_size)]
+    initial = [p.detach() for p in dh.TwoHeads(spare=False).head_a.parameters()]
+    for seen in ranks:
+        assert seen["none"] == [[True, True], [False, False]]
+        assert all(not torch.equal(a, b) for a, b in zip(seen["head_a"], initial))  # step 1 moved it
+    for a, b in zip(ranks[0]["head_a"], ranks[1]["head_a"]):
+        assert torch.equal(a, b)
