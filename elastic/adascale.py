@@ -403,6 +403,18 @@ class AdaScale:
         """Apply one AdaScale step. Returns False when the step was skipped (non-finite gradients)."""
         if closure is not None:
             raise AdaScaleError("step(closure): closures are not supported; run the backward passes first")
+        if self._rest_world:
+            # Nothing was armed for this step (S = 1, or after remove_hooks()): nothing to measure,
+            # only the non-finite check. Kept short: it is every step of a one-worker job, where each
+            # line of Python runs on caches the backward pass has just evicted.
+            world_size = self._world_size()
+            finite = self._grads_finite()
+            self._forget_and_rearm(world_size)
+            if not finite:
+                self._skipped_steps += 1
+                return False
+            scale = self._fixed_scale if self._fixed_scale is not None else float(world_size * self.accumulation_steps)
+            return self._apply(scale)
         hooked = bool(self._handles)
         if hooked or self._armed_buckets:
             if self._hook_kind in _FLAT_KINDS:
@@ -429,7 +441,7 @@ class AdaScale:
         self._step_unmeasured = False
         if measured:
             micro_sqnorm_sum, mean_sqnorm = self._reduced_statistics(world_size)
-        else:  # no hooks ran (S was 1 when the step began): nothing measured, only the non-finite check
+        else:  # armed, but no parameter to hook: only the non-finite check (which names the problem)
             micro_sqnorm_sum, mean_sqnorm = (0.0, 0.0) if self._grads_finite() else (math.nan, math.nan)
             num_grads = 1
         if hooked:
@@ -447,6 +459,10 @@ class AdaScale:
             sigma2_hat = (micro_sqnorm_sum - num_grads * mean_sqnorm) / (num_grads - 1)
             mu2_hat = mean_sqnorm - sigma2_hat / num_grads
             self._fold_estimate(sigma2_hat, mu2_hat, scale)
+        return self._apply(scale)
+
+    def _apply(self, scale: float) -> bool:
+        """The update at scale S: r_t from the estimates, lr = r_t * base_lr * schedule(floor(tau)), tau += r_t."""
         self._gain = 1.0 if scale == 1 else self.gain_at(scale)
         self._last_scale = scale
 
