@@ -570,11 +570,13 @@ class AdaScale:
 
     def _finite_check_buffers(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, Any]:
         """The fused check's flag (kept at zero between checks) and unit scale on ``device``, and on
-        CPU a NumPy view of the flag, which reads it without an op dispatch."""
+        CPU a view of the flag's memory, which reads it without an op dispatch."""
         buffers = self._finite_buffers.get(device)
         if buffers is None:
-            found = torch.zeros(1, device=device)
-            buffers = (found, torch.ones(1, device=device), found.numpy() if found.device.type == "cpu" else None)
+            found = torch.zeros(1, dtype=torch.float32, device=device)
+            # memoryview: indexing it gives a Python float with no NumPy scalar in between.
+            host = memoryview(found.numpy()).cast("B").cast("f") if found.device.type == "cpu" else None
+            buffers = (found, torch.ones(1, dtype=torch.float32, device=device), host)
             self._finite_buffers[device] = buffers
         return buffers
 
@@ -721,7 +723,7 @@ class AdaScale:
             try:
                 # Multiplies by 1.0 (exact) and flags any inf/NaN: one fused op on CPU and CUDA.
                 torch._amp_foreach_non_finite_check_and_unscale_(grads, found, one)
-                finite = bool((found_host[0] if found_host is not None else found.item()) == 0.0)
+                finite = (found_host[0] if found_host is not None else found.item()) == 0.0
             except (RuntimeError, AttributeError):  # a dtype or build without the fused kernel
                 found.zero_()
             else:
