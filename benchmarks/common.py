@@ -1,8 +1,9 @@
-"""Helpers shared by the benchmarks: thread pinning, steady malloc thresholds, batch fetching,
-markdown tables, result files."""
+"""Helpers shared by the benchmarks: thread pinning, steady malloc thresholds, a confidence interval for
+a median, batch fetching, markdown tables, result files."""
 
 from __future__ import annotations
 
+import math
 import os
 from pathlib import Path
 from typing import Any, Sequence
@@ -18,6 +19,28 @@ def single_thread() -> None:
     lets two benchmark processes run side by side without oversubscribing the cores."""
     torch.set_num_threads(1)
     os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+
+def median_ci(values: Sequence[float], confidence: float = 0.95) -> tuple[float, float] | None:
+    """Distribution-free confidence interval for the median of the population ``values`` came from:
+    the k-th smallest and k-th largest value, with the largest k for which a Binomial(n, 1/2) count
+    falls below k with probability at most (1 - confidence) / 2. Its coverage is at least
+    ``confidence`` for any continuous distribution (n = 15: the 4th and 12th values, 96.5%).
+    None when there are too few values for that coverage (fewer than 6 at 95%)."""
+    if not 0.0 < confidence < 1.0:
+        raise ValueError(f"confidence: must be in (0, 1), got {confidence!r}")
+    ordered = sorted(values)
+    n = len(ordered)
+    tail = (1.0 - confidence) / 2.0
+    k, below = 0, 0.0  # below: P(count < k + 1) for the k tried so far
+    while k < n // 2:
+        below += math.comb(n, k) / 2.0**n
+        if below > tail:
+            break
+        k += 1
+    if k == 0:
+        return None
+    return ordered[k - 1], ordered[n - k]
 
 
 def fetch_batch(dataset: torch.utils.data.Dataset, indices: Sequence[int]) -> Any:

@@ -50,7 +50,7 @@ import torch.multiprocessing as mp
 from torch import nn
 from torch.nn import functional as F
 
-from benchmarks.common import RESULTS_DIR, markdown_table, single_thread, steady_malloc, write_text
+from benchmarks.common import RESULTS_DIR, markdown_table, median_ci, single_thread, steady_malloc, write_text
 from elastic.adascale import AdaScale
 from elastic.distributed import destroy_process_group, exit_spawned_rank
 
@@ -446,10 +446,10 @@ QUICK_CONFIGS = (
     OverheadConfig("digits", 32, 1, world_size=2),
 )
 
-TABLE_HEADERS = ("config", "parameters", "bare median ms", "AdaScale median ms", "ratio",
+TABLE_HEADERS = ("config", "parameters", "bare median ms", "AdaScale median ms", "ratio", "ratio 95% CI",
                  "bare CPU ms", "AdaScale CPU ms", "CPU ratio", "page faults per step, bare / AdaScale",
                  "ratio of each repeat")
-CONTROL_HEADERS = ("control ratio (bare / bare)", "control ratio of each repeat")
+CONTROL_HEADERS = ("control ratio (bare / bare)", "control 95% CI", "control ratio of each repeat")
 
 
 def format_table(results: Sequence[OverheadResult]) -> str:
@@ -459,13 +459,18 @@ def format_table(results: Sequence[OverheadResult]) -> str:
     def each(ratios: Sequence[float], one: float | None) -> str:
         return ", ".join(f"{x:.3f}" for x in ratios) or ("-" if one is None else f"{one:.3f}")
 
+    def interval(ratios: Sequence[float]) -> str:
+        ci = median_ci(ratios)
+        return "-" if ci is None else f"{ci[0]:.3f}-{ci[1]:.3f}"
+
     def row(r: OverheadResult) -> tuple[str, ...]:
         cells = (r.config.label, f"{r.parameters:,}", f"{r.bare_ms:.3f}", f"{r.adascale_ms:.3f}", f"{r.ratio:.3f}",
-                 f"{r.bare_cpu_ms:.3f}", f"{r.adascale_cpu_ms:.3f}", f"{r.cpu_ratio:.3f}",
+                 interval(r.repeat_ratios), f"{r.bare_cpu_ms:.3f}", f"{r.adascale_cpu_ms:.3f}", f"{r.cpu_ratio:.3f}",
                  f"{r.bare_faults:.0f} / {r.adascale_faults:.0f}", each(r.repeat_ratios, r.ratio))
         if control:
             ratio = r.control_ratio
-            cells += ("-" if ratio is None else f"{ratio:.3f}", each(r.repeat_control_ratios, ratio))
+            cells += ("-" if ratio is None else f"{ratio:.3f}", interval(r.repeat_control_ratios),
+                      each(r.repeat_control_ratios, ratio))
         return cells
 
     return markdown_table(TABLE_HEADERS + (CONTROL_HEADERS if control else ()), [row(r) for r in results])
@@ -484,7 +489,8 @@ def format_report(results: Sequence[OverheadResult], steps: int, warmup: int, wa
         f"Median of {steps} interleaved steps per arm after {warmup} warm-up steps{times}; SGD momentum 0.9, "
         f"weight decay 5e-4; torch {torch.__version__}, 1 thread per process, {os.cpu_count()} cores; "
         f"{malloc}; wall time {wall_s:.0f} s; 1-minute load average {load_before:.1f} before, "
-        f"{load_after:.1f} after.",
+        f"{load_after:.1f} after. 95% CI: a distribution-free confidence interval for the median ratio "
+        "over the repeats (order statistics, benchmarks.common.median_ci; '-' with fewer than 6 repeats).",
         "",
         format_table(results),
     ]

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from benchmarks import overhead, scale_sweep
-from benchmarks.common import markdown_table
+from benchmarks.common import markdown_table, median_ci
 from benchmarks.scale_sweep import RULES, TASKS, RunResult, RunSpec, summarize
 from elastic.task import load_task
 from examples.synthetic import SyntheticTask, SyntheticTaskError
@@ -144,13 +144,14 @@ def test_overhead_quick_writes_its_table(tmp_path):
     assert overhead.main(["--quick", "--control", "--default-malloc", "--out", str(tmp_path)]) == 0
     rows = _table_rows((tmp_path / "overhead_quick.md").read_text())
     assert [r[0] for r in rows] == [c.label for c in overhead.QUICK_CONFIGS]
-    for _, params, bare_ms, ada_ms, ratio, bare_cpu, ada_cpu, cpu_ratio, faults, each, control, _ in rows:
+    for _, params, bare_ms, ada_ms, ratio, ci, bare_cpu, ada_cpu, cpu_ratio, faults, each, control, control_ci, _ in rows:
         assert int(params.replace(",", "")) > 1000
         assert float(bare_ms) > 0 and float(ada_ms) > 0 and float(bare_cpu) > 0 and float(ada_cpu) > 0
         assert float(ratio) == pytest.approx(float(ada_ms) / float(bare_ms), abs=2e-3)
         assert float(cpu_ratio) == pytest.approx(float(ada_cpu) / float(bare_cpu), abs=2e-3)
         assert all(float(f) >= 0 for f in faults.split(" / "))
         assert each == ratio  # one measurement per config
+        assert ci == control_ci == "-"  # no interval from one measurement
         assert 0.5 < float(control) < 2.0  # the second bare arm ran (its ratio is noise only)
     text = (tmp_path / "overhead_quick.md").read_text()
     assert re.search(r"Median of 10 interleaved steps", text)
@@ -183,7 +184,20 @@ def test_overhead_repeats_report_the_median_ratio():
     assert controlled.control_ratio == pytest.approx(1.01) and controlled.control_ms == 10.1
     table = overhead.format_table([controlled, row])
     assert "1.010, 0.980, 1.030" in table and "| 5 / 7 |" in table
-    assert table.splitlines()[-1].endswith("| - | - |")  # a row measured without the control arm
+    assert table.splitlines()[-1].endswith("| - | - | - |")  # a row measured without the control arm
+
+
+def test_median_ci_is_the_order_statistics_interval():
+    values = [1.0 + i / 100 for i in (7, 3, 14, 0, 9, 1, 12, 5, 11, 2, 13, 6, 4, 10, 8)]  # 1.00..1.14, shuffled
+    assert median_ci(values) == pytest.approx((1.03, 1.11))  # n = 15: the 4th and the 12th smallest
+    assert median_ci(values, confidence=0.5) == pytest.approx((1.05, 1.09))  # narrower: the 6th and 10th
+    assert median_ci(values[:6]) == (min(values[:6]), max(values[:6]))  # 6 values: 1 - 2/64 >= 95%
+    assert median_ci(values[:5]) is None  # 1 - 2/32 < 95%: no interval
+    with pytest.raises(ValueError, match="confidence"):
+        median_ci(values, confidence=1.0)
+    config = overhead.OverheadConfig("digits", 8, 1)
+    row = overhead.combine([overhead.OverheadResult(config, 100, 10, 10.0, 10.0 * v, 10.0, 10.0 * v) for v in values])
+    assert "| 1.030-1.110 |" in overhead.format_table([row])
 
 
 def test_overhead_rejects_unknown_model():
