@@ -219,3 +219,28 @@ def test_overhead_breakdown_accounts_for_the_hooks(monkeypatch, flat):
     assert b.statistics_ms > 0 and b.bookkeeping_ms >= 0
     assert b.adascale_ms > 0 and b.bare_ms > 0
     assert "hooks ms" in overhead.format_breakdown([b])
+
+
+def test_overhead_runs_reads_back_and_pools_the_written_tables(tmp_path, capsys):
+    from benchmarks import overhead_runs
+
+    config = overhead.OverheadConfig("digits", 8, 1)
+
+    def write(name: str, ratios, controls):
+        row = overhead.combine([overhead.OverheadResult(config, 100, 10, 10.0, 10.0 * r, 10.0, 10.0 * r, 0.0, 0.0, 10.0 * c)
+                                for r, c in zip(ratios, controls)])
+        path = tmp_path / f"overhead_{name}.md"
+        path.write_text("# title\n\n" + overhead.format_table([row]))
+        return path
+
+    a = write("a", [1.01, 1.02, 1.00, 1.03, 1.02, 1.01], [1.0] * 6)
+    b = write("b", [1.04, 1.05, 1.06, 1.04, 1.05, 1.07], [0.99] * 6)
+    ratios, controls = overhead_runs.read_run(a)[config.label]
+    assert ratios == pytest.approx([1.01, 1.02, 1.00, 1.03, 1.02, 1.01]) and controls == pytest.approx([1.0] * 6)
+    assert overhead_runs.main([str(a), str(b), "--pool", str(a)]) == 0
+    out = capsys.readouterr().out
+    assert "| 1.015 (1.000-1.030) | **1.050 (1.040-1.070)** |" in out  # each run; b above the target, in bold
+    assert f"| {config.label} | 6 | 1.015 (1.000-1.030) | 1.000 (1.000-1.000) |" in out  # only a is pooled
+    (tmp_path / "notes.md").write_text("no table here\n")
+    assert overhead_runs.main([str(tmp_path / "notes.md")]) == 2
+    assert "no table" in capsys.readouterr().err
