@@ -30,6 +30,8 @@ from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any, Mapping, Protocol, Sequence, Union
 
+from elastic.estimators import gain_ratio
+
 __all__ = [
     "PolicyError",
     "SnapshotError",
@@ -217,10 +219,7 @@ def predicted_gain(scale: float, sigma2: float, mu2: float) -> float:
         raise PolicyError(f"scale must be a finite number >= 1, got {scale!r}")
     if not _is_real(sigma2) or not _is_real(mu2):
         raise PolicyError(f"sigma2 and mu2 must be finite numbers, got {sigma2!r} and {mu2!r}")
-    sigma2 = max(float(sigma2), 1e-6)
-    mu2 = max(float(mu2), 0.0)
-    gain = (sigma2 + mu2) / (sigma2 / scale + mu2)
-    return min(max(gain, 1.0), float(scale))
+    return gain_ratio(float(sigma2), float(mu2), scale)
 
 
 def predicted_efficiency(scale: float, sigma2: float, mu2: float) -> float:

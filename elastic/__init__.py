@@ -12,7 +12,7 @@ from typing import Any
 _EXPORTS = {
     "AdaScale": "elastic.adascale",
     "AdaScaleError": "elastic.adascale",
-    "gain_ratio": "elastic.adascale",
+    "gain_ratio": "elastic.estimators",
     "Constant": "elastic.schedules",
     "Cosine": "elastic.schedules",
     "Exponential": "elastic.schedules",

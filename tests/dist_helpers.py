@@ -35,12 +35,20 @@ def make_model(dim: int = 6) -> torch.nn.Module:
     return torch.nn.Sequential(torch.nn.Linear(dim, 8), torch.nn.Tanh(), torch.nn.Linear(8, 1))
 
 
+def make_large_model(dim: int = 6) -> torch.nn.Module:
+    """About 270k parameters (above 2^18): several DDP buckets at ``bucket_cap_mb=0.25``."""
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Linear(dim, 1024), torch.nn.Tanh(), torch.nn.Linear(1024, 256),
+                               torch.nn.Tanh(), torch.nn.Linear(256, 1))
+
+
 def run_steps(model, opt, ddp_model, micro_for_rank, steps: int, accumulation: int, nan_at_step: int | None = None,
-              no_sync: bool = True, zero_grad=None):
+              no_sync: bool = True, zero_grad=None, clip: float | None = None, scaler=None):
     """Runs `steps` AdaScale steps; returns [(gain, progress, sigma2, mu2, skipped)] per step.
 
     ``no_sync=False`` lets DDP all-reduce after every backward pass instead of the last one only;
-    ``zero_grad`` replaces ``opt.zero_grad`` after each step."""
+    ``zero_grad`` replaces ``opt.zero_grad`` after each step; ``clip`` clips the gradient norm between
+    the last backward pass and the step; ``scaler`` runs the loop of a torch.amp.GradScaler."""
     history = []
     for step in range(steps):
         micro = micro_for_rank(step)
@@ -53,62 +61,62 @@ def run_steps(model, opt, ddp_model, micro_for_rank, steps: int, accumulation: i
                 loss = torch.nn.functional.mse_loss(out, y)
                 if nan_at_step == step and i == 0:
                     loss = loss * float("nan")
-                (loss / accumulation).backward()
-        took = opt.step()
-        (zero_grad or opt.zero_grad)()
+                loss = loss / accumulation
+                (scaler.scale(loss) if scaler else loss).backward()
+        if scaler:
+            scaler.unscale_(opt)
+        if clip is not None:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
+        if scaler:
+            skipped_before = opt.skipped_steps
+            scaler.step(opt)
+            scaler.update()
+            (zero_grad or opt.zero_grad)()
+            took = opt.skipped_steps == skipped_before
+        else:
+            took = opt.step()
+            (zero_grad or opt.zero_grad)()
         history.append((opt.gain, opt.progress, opt.grad_variance, opt.grad_sqnorm, not took))
     return history
 
 
 def zero_grad_for(zero: str, model: torch.nn.Module, opt) -> Any:
-    """The call that ends a step in run_steps (see ddp_worker's ``zero``)."""
+    """The call that ends a step in run_steps: ``adascale`` (opt.zero_grad), ``model``
+    (model.zero_grad: None gradients) or ``none`` (gradients carry over into the next step)."""
     return {"adascale": opt.zero_grad, "model": model.zero_grad, "none": lambda: None}[zero]
 
 
-def ddp_worker(rank: int, world_size: int, accumulation: int, steps: int, nan_rank: int | None,
-               nan_step: int | None, out_dir: str, attach: bool = False, no_sync: bool = True,
-               piggyback_max: int | None = None, flat_max: int | None = None, zero: str = "adascale") -> None:
-    """One DDP rank. ``attach``: the statistics ride on DDP's all-reduce (AdaScale.attach_ddp);
-    ``piggyback_max`` overrides adascale.PIGGYBACK_MAX_NUMEL (0: the separate one-float path),
-    ``flat_max`` adascale.FLAT_MAX_NUMEL (0: DDP's comm hook instead of AdaScale's own reduce);
-    ``zero``: what runs after each step, ``adascale`` (opt.zero_grad), ``model`` (model.zero_grad:
-    None gradients) or ``none`` (gradients carry over into the next step)."""
-    from elastic import adascale
-
-    if piggyback_max is not None:
-        adascale.PIGGYBACK_MAX_NUMEL = piggyback_max
-    if flat_max is not None:
-        adascale.FLAT_MAX_NUMEL = flat_max
+def ddp_worker(rank: int, world_size: int, out_dir: str, options: dict[str, Any]) -> None:
+    """One DDP rank of run_ddp_steps; saves its history and parameters to ``rank{rank}.pt``."""
     torch.set_num_threads(1)
     init_gloo(rank, world_size, out_dir)
     try:  # in a function of its own: the models are gone before the group is
-        _ddp_run(rank, world_size, accumulation, steps, nan_rank, nan_step, out_dir, attach, no_sync, zero)
+        _ddp_run(rank, world_size, out_dir, **options)
     finally:
         destroy_process_group()
     exit_spawned_rank()
 
 
-def _ddp_run(rank: int, world_size: int, accumulation: int, steps: int, nan_rank: int | None,
-             nan_step: int | None, out_dir: str, attach: bool, no_sync: bool, zero: str = "adascale") -> None:
+def _ddp_run(rank: int, world_size: int, out_dir: str, accumulation: int = 1, steps: int = 4, large: bool = False,
+             nan_rank: int | None = None, nan_step: int | None = None, no_sync: bool = True, zero: str = "adascale",
+             clip: float | None = None, scaler: bool = False) -> None:
     from elastic.adascale import AdaScale
 
-    model = make_model()
-    ddp = torch.nn.parallel.DistributedDataParallel(model)
-    opt = AdaScale(torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9), accumulation_steps=accumulation)
-    if attach:
-        opt.attach_ddp(ddp)
+    model = make_large_model() if large else make_model()
+    ddp = torch.nn.parallel.DistributedDataParallel(model, bucket_cap_mb=0.25 if large else 25)
+    grad_scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 14) if scaler else None
+    opt = AdaScale(torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9), accumulation_steps=accumulation,
+                   grad_scaler=grad_scaler)
+    opt.attach_ddp(ddp)
     total = world_size * accumulation
 
     def mine(step):
-        allb = micro_batches(step, total)
-        return allb[rank * accumulation:(rank + 1) * accumulation]
+        return micro_batches(step, total)[rank * accumulation:(rank + 1) * accumulation]
 
     opt.zero_grad()  # a clean start, whatever ends each step
     hist = run_steps(model, opt, ddp, mine, steps, accumulation, nan_at_step=nan_step if rank == nan_rank else None,
-                     no_sync=no_sync, zero_grad=zero_grad_for(zero, model, opt))
-    torch.save({"history": hist, "params": [p.detach().clone() for p in model.parameters()],
-                "tensor_hooks": len(opt._handles), "ddp_sync": ddp.require_backward_grad_sync},
-               os.path.join(out_dir, f"rank{rank}.pt"))
+                     no_sync=no_sync, zero_grad=zero_grad_for(zero, model, opt), clip=clip, scaler=grad_scaler)
+    torch.save({"history": hist, "params": [p.detach().clone() for p in model.parameters()]}, os.path.join(out_dir, f"rank{rank}.pt"))
 
 
 class TwoHeads(torch.nn.Module):
@@ -174,35 +182,3 @@ def _unused_params_run(rank: int, world_size: int, out_dir: str) -> None:
             opt.zero_grad()
         seen[arm] = {"grads": grads, "before_step": before, "params": [p.detach().clone() for p in model.parameters()]}
     torch.save(seen, os.path.join(out_dir, f"rank{rank}.pt"))
-
-
-def head_switch_worker(rank: int, world_size: int, out_dir: str, zero: str) -> None:
-    """Per rank, AdaScale attached to DDP (flat sync): step 0 reaches head_b only, on every rank,
-    then ``zero`` (see ddp_worker), then step 1 reaches every parameter. Saves which of head_a's
-    gradients the inner optimizer got as None at each step, and head_a's weights."""
-    torch.set_num_threads(1)
-    init_gloo(rank, world_size, out_dir)
-    try:
-        _head_switch_run(rank, world_size, out_dir, zero)
-    finally:
-        destroy_process_group()
-    exit_spawned_rank()
-
-
-def _head_switch_run(rank: int, world_size: int, out_dir: str, zero: str) -> None:
-    from elastic.adascale import AdaScale
-
-    model = TwoHeads(spare=False)
-    ddp = torch.nn.parallel.DistributedDataParallel(model, find_unused_parameters=True)
-    opt = AdaScale(torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, weight_decay=1e-2))
-    opt.attach_ddp(ddp)
-    opt.zero_grad()
-    none_at_step, zero_grad = [], zero_grad_for(zero, model, opt)
-    for step, use_a in enumerate((False, None)):
-        x, y = micro_batches(step, world_size)[rank]
-        torch.nn.functional.mse_loss(ddp(x, use_a=use_a), y).backward()
-        opt.step()
-        none_at_step.append([p.grad is None for p in model.head_a.parameters()])
-        zero_grad()
-    torch.save({"none": none_at_step, "head_a": [p.detach().clone() for p in model.head_a.parameters()]},
-               os.path.join(out_dir, f"rank{rank}.pt"))

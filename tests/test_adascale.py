@@ -195,160 +195,17 @@ def test_nonfinite_gradient_skips_step_and_keeps_estimates():
 
 @pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
 def test_nonfinite_gradient_at_scale_one_skips_only_that_step(bad):
-    """S = 1 (no statistics) still checks: a bad step is skipped, and the fused check's flag is
-    reset, so the finite steps before and after it run."""
+    """S = 1 (nothing to estimate) still checks: a bad step is skipped, the steps around it run."""
     w = torch.nn.Parameter(torch.zeros(3))
     opt = AdaScale(torch.optim.SGD([w], lr=0.1))
     results = []
     for grad in ([1.0, 2.0, 3.0], [bad, 0.0, 0.0], [1.0, 1.0, 1.0], [2.0, 0.0, 0.0]):
-        w.grad = torch.tensor(grad)
+        (w @ torch.tensor(grad)).backward()
         results.append(opt.step())
         opt.zero_grad()
     assert results == [True, False, True, True]
     assert (opt.steps, opt.skipped_steps, opt.progress) == (3, 1, 3.0)
     assert torch.allclose(w.detach(), -0.1 * torch.tensor([4.0, 3.0, 4.0]))
-
-
-def _mixed_usage_run(flat: bool, monkeypatch, packed: bool = True) -> tuple[list, list, list[bool]]:
-    """Steps with accumulation, the caller's own zeroing, no zeroing, S=1, NaNs and unused params."""
-    from elastic import adascale as adascale_module
-
-    monkeypatch.setattr(adascale_module, "FLAT_MAX_NUMEL", 1 << 18 if flat else 0)
-    monkeypatch.setattr(adascale_module, "PASSES_FLATTEN_NUMEL", 1 << 21 if packed else 0)
-    model = dh.make_model()
-    unused = torch.nn.Parameter(torch.ones(3))
-    opt = AdaScale(torch.optim.SGD([*model.parameters(), unused], lr=0.05, momentum=0.9, weight_decay=1e-2),
-                   accumulation_steps=3)
-    history, absent = [], []
-
-    def steps(first: int, count: int, acc: int, zero=opt.zero_grad, nan_at=None):
-        history.extend(dh.run_steps(model, opt, model, lambda s: dh.micro_batches(first + s, acc), count, acc,
-                                    nan_at_step=nan_at, zero_grad=zero))
-        absent.append(unused.grad is None)
-
-    steps(0, 3, 3)
-    steps(3, 2, 3, zero=model.zero_grad, nan_at=1)  # the caller zeroes (set_to_none) instead
-    steps(5, 2, 3, zero=lambda: None)  # no zeroing between steps: the old g_bar stays in .grad
-    opt.zero_grad(set_to_none=False)
-    opt.set_scale(1, accumulation_steps=1)
-    steps(7, 3, 1, nan_at=1)  # one gradient per step: only the non-finite check
-    opt.set_scale(2, accumulation_steps=2)
-    steps(10, 3, 2)
-    if flat:  # the mode under test was really used: .grad lives in the flat buffer
-        storage = opt._flat.untyped_storage().data_ptr()
-        assert all(p.grad.untyped_storage().data_ptr() == storage for p in model.parameters())
-    return history, [p.detach().clone() for p in (*model.parameters(), unused)], absent
-
-
-@pytest.mark.parametrize("packed", [True, False], ids=["one-copy", "foreach"])
-def test_flat_gradient_buffer_matches_per_tensor_norms(monkeypatch, packed):
-    """A small model accumulating in one process keeps .grad as views of one buffer and norms every
-    pass's gradients at step() (packed into one copy, or one norm each): same gains, skips and
-    weights as the per-tensor hooks, and an unused parameter still reaches the inner optimizer as None."""
-    flat_hist, flat_weights, flat_absent = _mixed_usage_run(True, monkeypatch, packed)
-    ref_hist, ref_weights, ref_absent = _mixed_usage_run(False, monkeypatch)
-    assert [h[4] for h in flat_hist] == [h[4] for h in ref_hist]
-    assert sum(h[4] for h in flat_hist) == 2  # both NaN steps were skipped
-    for got, want in zip(flat_hist, ref_hist):
-        assert got[:4] == pytest.approx(want[:4], rel=1e-5, abs=1e-7)
-    assert flat_hist[-1][0] > 1.0
-    for got, want in zip(flat_weights, ref_weights):
-        assert torch.allclose(got, want, atol=1e-6)
-    assert flat_absent == ref_absent
-    assert flat_absent[:2] == [True, True]  # and the unused weights were never decayed
-    assert torch.equal(flat_weights[-1], torch.ones(3))
-
-
-@pytest.mark.parametrize("swap", ["copy", "zeros"])
-def test_grad_replaced_during_a_flat_step(swap):
-    """A .grad replaced (not in place) between the passes of a step no longer accumulates into the
-    flat buffer. A copy still holds the passes' sum: the step is measured as if nothing happened.
-    Anything else (here zeros, dropping pass 1) does not fit the passes: the step folds no estimate,
-    updates with the gradient the caller left, and the next step is measured again."""
-    torch.manual_seed(7)
-    w, twin, ref = (torch.nn.Parameter(torch.zeros(4)) for _ in range(3))
-    opt = AdaScale(torch.optim.SGD([w], lr=0.1), accumulation_steps=2)
-    twin_opt = AdaScale(torch.optim.SGD([twin], lr=0.1), accumulation_steps=2)  # never swapped
-    plain = torch.optim.SGD([ref], lr=0.1)
-    first = [torch.randn(4) + 1.0 for _ in range(2)]
-    linear_param_step(opt, w, first)
-    linear_param_step(twin_opt, twin, first)
-    ref.data.copy_(w.data)
-    assert opt.num_estimates == 1
-    grads = [torch.randn(4) + 1.0 for _ in range(2)]
-    (w @ grads[0] / 2).backward()
-    w.grad = w.grad.clone() if swap == "copy" else torch.zeros(4)  # pass 2 accumulates into the new one
-    (w @ grads[1] / 2).backward()
-    assert opt.step()
-    linear_param_step(twin_opt, twin, grads)
-    if swap == "copy":
-        assert opt.num_estimates == 2
-        assert (opt.gain, opt.grad_variance, opt.grad_sqnorm) == (twin_opt.gain, twin_opt.grad_variance,
-                                                                  twin_opt.grad_sqnorm)
-        assert torch.equal(w.detach(), twin.detach())
-    else:
-        assert opt.num_estimates == 1
-        plain.param_groups[0]["lr"] = 0.1 * opt.gain
-        ref.grad = grads[1] / 2
-        plain.step()
-        assert torch.allclose(w.detach(), ref.detach(), atol=1e-6)
-    assert w.grad.untyped_storage().data_ptr() == opt._flat.untyped_storage().data_ptr()  # adopted
-    opt.zero_grad()
-    linear_param_step(opt, w, [torch.randn(4) + 1.0 for _ in range(2)])
-    assert opt.num_estimates == (3 if swap == "copy" else 2)
-
-
-def test_zero_grad_rearms_a_resting_optimizer_when_the_world_changes(monkeypatch):
-    """Resting (S = 1: nothing armed), zero_grad skips the reset and re-arm, but not the world
-    size: a group that grew or shrank since the step arms or disarms the hooks."""
-    w = torch.nn.Parameter(torch.zeros(4))
-    opt = AdaScale(torch.optim.SGD([w], lr=0.01))
-    assert linear_param_step(opt, w, [torch.randn(4)])
-    assert opt._handles == []
-    monkeypatch.setattr(opt, "_world_size", lambda: 2)
-    opt.zero_grad()
-    assert len(opt._handles) == 1
-    monkeypatch.setattr(opt, "_world_size", lambda: 1)
-    opt.zero_grad()
-    assert opt._handles == []
-    opt.accumulation_steps = 2  # by hand, not through set_scale
-    opt.zero_grad()
-    assert len(opt._handles) == 1
-
-
-def test_no_hooks_while_one_gradient_per_step(monkeypatch):
-    """S = 1 costs no tensor hooks; they are armed again when S grows (also unseen, between steps)."""
-    torch.manual_seed(6)
-    w = torch.nn.Parameter(torch.zeros(4))
-    opt = AdaScale(torch.optim.SGD([w], lr=0.01))
-    assert opt._handles == []
-    with pytest.raises(AdaScaleError, match="before any backward"):
-        opt.step()
-    assert linear_param_step(opt, w, [torch.randn(4)]) and opt.gain == 1.0
-    assert not linear_param_step(opt, w, [torch.tensor([float("nan"), 0, 0, 0])])
-    opt.set_scale(2, accumulation_steps=2)
-    assert len(opt._handles) == 1
-    for _ in range(3):
-        linear_param_step(opt, w, [torch.randn(4) + 1.0 for _ in range(2)])
-    estimates = (opt.num_estimates, opt.grad_variance, opt.grad_sqnorm)
-    opt.set_scale(1, accumulation_steps=1)
-    assert opt._handles == []
-    # The process group grows to 2 ranks after zero_grad looked: this step measured nothing, so it
-    # applies the gain the estimates predict at S = 2, and the next step is measured again.
-    monkeypatch.setattr(opt, "_world_size", lambda: 2)
-    opt._fixed_scale = None
-    (w @ torch.randn(4)).backward()
-    assert opt.step()
-    assert (opt.num_estimates, opt.grad_variance, opt.grad_sqnorm) == estimates
-    assert opt.gain == pytest.approx(gain_ratio(estimates[1], estimates[2], 2))
-    assert len(opt._handles) == 1  # armed for the next step
-    monkeypatch.undo()  # (a real second rank would need a process group; measure locally instead)
-    opt.set_scale(2, accumulation_steps=2)
-    linear_param_step(opt, w, [torch.randn(4) + 1.0 for _ in range(2)])
-    assert opt.num_estimates == estimates[0] + 1
-    opt.remove_hooks()
-    opt.zero_grad()
-    assert opt._handles == []
 
 
 def test_adam_uses_square_root_gain():
@@ -399,182 +256,228 @@ def test_misuse_raises_typed_errors():
         opt.load_state_dict({"state": {}})
 
 
-def _run_ddp(world_size: int, accumulation: int, steps: int, tmp_path, nan_rank=None, nan_step=None, **options):
-    mp.spawn(dh.ddp_worker, args=(world_size, accumulation, steps, nan_rank, nan_step, str(tmp_path),
-                                  options.get("attach", False), options.get("no_sync", True),
-                                  options.get("piggyback_max"), options.get("flat_max"),
-                                  options.get("zero", "adascale")),
-             nprocs=world_size, join=True)
+
+# --------------------------------------------------------------- what real training loops do
+
+
+def _accumulated_run(steps: int = 4, accumulation: int = 4, lr: float = 0.05, **loop) -> tuple[list, torch.nn.Module, AdaScale]:
+    model = dh.make_model()
+    opt = AdaScale(torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9), accumulation_steps=accumulation,
+                   grad_scaler=loop.get("scaler"))
+    micro = lambda s: dh.micro_batches(s, accumulation)  # noqa: E731
+    zero = dh.zero_grad_for(loop.pop("zero", "adascale"), model, opt)
+    return dh.run_steps(model, opt, model, micro, steps, accumulation, zero_grad=zero, **loop), model, opt
+
+
+@pytest.mark.parametrize("zero", ["adascale", "model"])
+def test_clipping_does_not_change_the_statistics(zero):
+    """clip_grad_norm_ between backward() and step() rescales .grad; sigma^2, mu^2 and the gain
+    are those of the unclipped gradients, with either way of zeroing (lr 0: the same weights each step)."""
+    plain, _, _ = _accumulated_run(lr=0.0)
+    clipped, _, opt = _accumulated_run(lr=0.0, clip=1e-3, zero=zero)
+    assert opt.num_estimates == 4
+    for a, b in zip(plain, clipped):
+        assert b[0] == pytest.approx(a[0], rel=1e-6)  # gain
+        assert b[2] == pytest.approx(a[2], rel=1e-6)  # sigma^2
+        assert b[3] == pytest.approx(a[3], rel=1e-6)  # mu^2
+    assert plain[-1][0] > 1.2  # not vacuous: a clipped g_bar would push the gain to S
+
+
+def test_grad_scaler_statistics_are_unscaled_and_inf_steps_skipped():
+    """fp16's loss scaling (here a CPU GradScaler with a large scale): the estimates equal the
+    unscaled run's, and a step the scaler skips (inf) is counted and leaves them alone."""
+    plain, _, _ = _accumulated_run(steps=5, nan_at_step=2)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 16)
+    scaled, _, opt = _accumulated_run(steps=5, nan_at_step=2, scaler=scaler)
+    assert [row[4] for row in scaled] == [False, False, True, False, False]
+    assert opt.skipped_steps == 1 and opt.steps == 4
+    for a, b in zip(plain, scaled):
+        assert b[0] == pytest.approx(a[0], rel=1e-6)
+        assert b[2] == pytest.approx(a[2], rel=1e-6)
+        assert b[3] == pytest.approx(a[3], rel=1e-6)
+    assert scaler.get_scale() < 2.0 ** 16  # the inf step backed the scale off
+
+
+def test_bf16_gradients_are_normed_in_float32():
+    """A model in bfloat16: the statistics match a float64 computation over the same bf16 gradients
+    (bf16 norms were 7-71% off when mu^2 >> sigma^2 / S)."""
+    torch.manual_seed(6)
+    w = torch.nn.Parameter(torch.zeros(4096, dtype=torch.bfloat16))
+    opt = AdaScale(torch.optim.SGD([w], lr=0.0), accumulation_steps=4, smoothing=0.0)
+    base = torch.randn(4096) * 3.0
+    grads = [(base + 0.05 * torch.randn(4096)).to(torch.bfloat16) for _ in range(4)]
+    for c in grads:
+        (w @ c).backward()  # this pass's gradient is exactly c
+    g_bar = w.grad.double()  # the bf16 sum of the passes, as the optimizer gets it
+    opt.step()
+    # The hooks saw c; with the loss / accumulation_steps convention g_i = 4 c and g_bar = sum c.
+    micro_sum = sum(16 * float(c.double() @ c.double()) for c in grads)
+    sigma2 = (micro_sum - 4 * float(g_bar @ g_bar)) / 3
+    mu2 = float(g_bar @ g_bar) - sigma2 / 4
+    assert sigma2 > 0 and mu2 > 100 * sigma2 / 4
+    assert opt.grad_variance == pytest.approx(sigma2, rel=1e-3)
+    assert opt.grad_sqnorm == pytest.approx(mu2, rel=1e-5)
+
+
+def test_param_groups_each_scaled_and_late_groups_refused():
+    torch.manual_seed(7)
+    a, b = torch.nn.Parameter(torch.zeros(3)), torch.nn.Parameter(torch.zeros(3))
+    sgd = torch.optim.SGD([{"params": [a], "lr": 0.1}, {"params": [b], "lr": 0.01}])
+    opt = AdaScale(sgd, accumulation_steps=2)
+    grads = [torch.randn(3) + 1, torch.randn(3) + 1]
+    for c in grads:
+        ((a @ c + b @ c) / 2).backward()
+    opt.step()
+    g_bar = torch.stack(grads).mean(0)
+    assert torch.allclose(a.detach(), -opt.gain * 0.1 * g_bar, atol=1e-6)
+    assert torch.allclose(b.detach(), -opt.gain * 0.01 * g_bar, atol=1e-7)
+    assert [g["lr"] for g in sgd.param_groups] == [0.1, 0.01]  # restored after the step
+    opt.zero_grad()
+    c = torch.nn.Parameter(torch.zeros(3))
+    sgd.add_param_group({"params": [c], "lr": 0.5})  # behind AdaScale's back: never silent
+    for _ in range(2):
+        ((a.sum() + c.sum()) / 2).backward()
+    with pytest.raises(AdaScaleError, match="add_param_group"):
+        opt.step()
+    opt.zero_grad()
+    d = torch.nn.Parameter(torch.zeros(3))
+    late = AdaScale(torch.optim.SGD([a], lr=0.1), accumulation_steps=2)
+    late.add_param_group({"params": [d], "lr": 0.2})
+    for x in (torch.ones(3), -torch.ones(3) * 0.5):
+        ((a @ x + d @ (2 * x)) / 2).backward()
+    assert late.step()
+    assert late.grad_variance > 0 and torch.allclose(d.detach(), -late.gain * 0.2 * torch.full((3,), 0.5), atol=1e-6)
+
+
+def test_torch_lr_scheduler_composes_with_the_gain():
+    torch.manual_seed(8)
+    w = torch.nn.Parameter(torch.zeros(4))
+    sgd = torch.optim.SGD([w], lr=1.0)
+    opt = AdaScale(sgd, accumulation_steps=2, lr_schedule=lambda tau: 0.5)
+    sched = torch.optim.lr_scheduler.StepLR(sgd, step_size=1, gamma=0.1)
+    for step in range(3):
+        before = w.detach().clone()
+        grads = [torch.randn(4) + 1, torch.randn(4) + 1]
+        linear_param_step(opt, w, grads)
+        expected_lr = 1.0 * 0.1 ** step * 0.5 * opt.gain
+        assert opt.learning_rate == pytest.approx(expected_lr)
+        assert torch.allclose(w.detach(), before - expected_lr * torch.stack(grads).mean(0), atol=1e-6)
+        sched.step()
+    assert sgd.param_groups[0]["lr"] == pytest.approx(1e-3)  # the scheduler's value, not AdaScale's
+
+
+def test_state_dict_keeps_accumulation_steps_and_old_states_load():
+    w = torch.nn.Parameter(torch.zeros(2))
+    opt = AdaScale(torch.optim.SGD([w], lr=0.1), accumulation_steps=3)
+    linear_param_step(opt, w, [torch.tensor([1.0, 0]), torch.tensor([0.0, 1]), torch.tensor([1.0, 1])])
+    state = copy.deepcopy(opt.state_dict())
+    fresh = AdaScale(torch.optim.SGD([torch.nn.Parameter(torch.zeros(2))], lr=0.1))
+    fresh.load_state_dict(state)
+    assert fresh.accumulation_steps == 3 and fresh.progress == opt.progress and fresh.gain == opt.gain
+    # A state written when the effective lr was left in the groups: the base lr comes back.
+    state["optimizer"]["param_groups"][0]["lr"] = 0.37
+    state["adascale"]["base_lrs"] = [0.1]
+    fresh.load_state_dict(state)
+    assert fresh.param_groups[0]["lr"] == 0.1
+
+
+def test_scale_other_than_gradient_count_counts_scale_one_batches():
+    """S = 2n (each micro-batch is two scale-1 batches): sigma^2 doubles, mu^2 and r follow."""
+    torch.manual_seed(9)
+    grads = [torch.randn(5) + 0.5 for _ in range(4)]
+    _, sigma2_micro, _ = paper_gain(grads, 4)
+    w = torch.nn.Parameter(torch.zeros(5))
+    opt = AdaScale(torch.optim.SGD([w], lr=0.1), scale=8, accumulation_steps=4)
+    linear_param_step(opt, w, grads)
+    g_bar = torch.stack(grads).double().mean(0)
+    assert opt.grad_variance == pytest.approx(2 * sigma2_micro, rel=1e-6)
+    assert opt.grad_sqnorm == pytest.approx(float(g_bar @ g_bar) - 2 * sigma2_micro / 8, rel=1e-6)
+    assert opt.gain == pytest.approx(gain_ratio(opt.grad_variance, opt.grad_sqnorm, 8), rel=1e-12)
+    one = AdaScale(torch.optim.SGD([torch.nn.Parameter(torch.zeros(2))], lr=0.1), scale=4)
+    (one.param_groups[0]["params"][0].sum()).backward()
+    with pytest.raises(AdaScaleError, match="one gradient"):
+        one.step()
+
+
+def test_distributed_without_attached_ddp_is_an_error(tmp_path):
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        with pytest.raises(AdaScaleError, match="DistributedDataParallel"):
+            AdaScale(torch.optim.SGD(dh.make_model().parameters(), lr=0.1)).attach_ddp(dh.make_model())
+        model = dh.make_model()
+        ddp = torch.nn.parallel.DistributedDataParallel(model)
+        opt = AdaScale(torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9), accumulation_steps=2)
+        opt.attach_ddp(ddp)
+        with pytest.raises(AdaScaleError, match="attach_ddp"):
+            opt.attach_ddp(ddp)  # DDP takes one comm hook
+        history = dh.run_steps(model, opt, ddp, lambda s: dh.micro_batches(s, 2), 3, 2)
+        plain, _, _ = _accumulated_run(steps=3, accumulation=2)
+        assert [row[0] for row in history] == pytest.approx([row[0] for row in plain], rel=1e-6)
+        del ddp, model, opt
+    finally:
+        destroy_process_group()
+
+
+# ------------------------------------------------------------------------ DDP, several processes
+
+
+def _run_ddp(world_size: int, tmp_path, **options) -> list[dict]:
+    mp.spawn(dh.ddp_worker, args=(world_size, str(tmp_path), options), nprocs=world_size, join=True)
     return [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(world_size)]
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("world_size, accumulation, options", [
-    (2, 1, {}),
-    (2, 2, {}),
-    (4, 1, {}),
-    # Attached (AdaScale.attach_ddp) to this small model, AdaScale all-reduces the flat gradient
-    # buffer with the statistics in its tail, in step(); DDP's reducer stays idle, also for a
-    # caller who does not use no_sync.
-    (4, 1, {"attach": True}),
-    (2, 2, {"attach": True}),
-    (2, 2, {"attach": True, "no_sync": False}),
-    # FLAT_MAX_NUMEL = 0 (a large model): the statistics ride on DDP's all-reduce in its comm hook,
-    # packed into the last bucket, or as a separate one-float reduce.
-    (2, 1, {"attach": True, "flat_max": 0}),
-    (2, 2, {"attach": True, "flat_max": 0}),
-    (2, 1, {"attach": True, "flat_max": 0, "piggyback_max": 0}),
-], ids=["2x1", "2x2", "4x1", "4x1-attached-flat", "2x2-attached-flat", "2x2-attached-flat-no-no-sync",
-        "2x1-attached-buckets", "2x2-attached-hooks", "2x1-attached-separate-reduce"])
-def test_ddp_gain_equals_single_process_accumulation(world_size, accumulation, options, tmp_path):
+@pytest.mark.parametrize("world_size, options", [
+    (2, {"accumulation": 1, "large": True}),
+    (2, {"accumulation": 2, "large": True, "clip": 1e-2}),
+    (2, {"accumulation": 2, "zero": "model", "no_sync": False}),
+    (4, {"accumulation": 1}),
+    (2, {"accumulation": 2, "scaler": True}),
+], ids=["2x1-large", "2x2-large-clipped", "2x2-model-zero-no-no-sync", "4x1", "2x2-grad-scaler"])
+def test_ddp_gain_equals_single_process_accumulation(world_size, options, tmp_path):
+    """Gains bit-identical on every rank (so replicas stay identical), equal to one process
+    accumulating the same micro-batches to 1e-6; a NaN on the last rank skips the step everywhere."""
     steps = 4
-    results = _run_ddp(world_size, accumulation, steps, tmp_path, nan_rank=world_size - 1, nan_step=2, **options)
-    # Every rank computes the same gains, and the NaN injected on the last rank skipped step 2 everywhere.
+    results = _run_ddp(world_size, tmp_path, steps=steps, nan_rank=world_size - 1, nan_step=2, **options)
     for other in results[1:]:
         assert other["history"] == results[0]["history"]
+        for p0, p in zip(results[0]["params"], other["params"]):
+            assert torch.equal(p0, p)
     assert [h[4] for h in results[0]["history"]] == [False, False, True, False]
-    # One synced backward pass per step into an attached DDP model: the comm hook sees it all.
-    attached = bool(options.get("attach"))
-    comm_hook = attached and options.get("flat_max") == 0
-    hooks_needed = not (comm_hook and accumulation == 1)
-    assert all((r["tensor_hooks"] > 0) == hooks_needed for r in results)
-    # DDP's own gradient sync is off exactly when AdaScale all-reduces the flat buffer itself.
-    flat_sync = attached and not comm_hook
-    assert all(r["ddp_sync"] == (not flat_sync) for r in results)
 
+    accumulation = options["accumulation"]
     total = world_size * accumulation
-    model = dh.make_model()
-    opt = AdaScale(torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9), accumulation_steps=total)
-    single = dh.run_steps(model, opt, model, lambda s: dh.micro_batches(s, total), steps, total, nan_at_step=2)
+    model = dh.make_large_model() if options.get("large") else dh.make_model()
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 14) if options.get("scaler") else None
+    opt = AdaScale(torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9), accumulation_steps=total,
+                   grad_scaler=scaler)
+    single = dh.run_steps(model, opt, model, lambda s: dh.micro_batches(s, total), steps, total, nan_at_step=2,
+                          clip=options.get("clip"), scaler=scaler)
     for dist_row, single_row in zip(results[0]["history"], single):
         assert dist_row[0] == pytest.approx(single_row[0], rel=1e-6, abs=1e-6)  # gain
         assert dist_row[1] == pytest.approx(single_row[1], rel=1e-6, abs=1e-6)  # tau
         assert dist_row[4] == single_row[4]
     for p_dist, p_single in zip(results[0]["params"], model.parameters()):
         assert torch.allclose(p_dist, p_single.detach(), atol=1e-5)
-    assert single[-1][0] > 1.0  # the test is not vacuous: the gain moved away from 1
+    assert single[-1][0] > 1.0  # not vacuous: the gain moved away from 1
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("zero", ["none", "model"])
-def test_attached_flat_one_pass_without_adascale_zero_grad(zero, tmp_path):
-    """With one pass per step, the buffer's own dot stands for the pass's norm, but only in a buffer
-    that AdaScale.zero_grad zeroed: gradients carried over from the last step (``none``) or set to
-    None by the model (``model``) must still give the gains of one process accumulating the same
-    micro-batches, ended the same way."""
-    steps, world = 4, 2
-    results = _run_ddp(world, 1, steps, tmp_path, attach=True, zero=zero)
-    assert results[1]["history"] == results[0]["history"]
-    assert not results[0]["ddp_sync"]  # AdaScale's own flat all-reduce ran
-    model = dh.make_model()
-    opt = AdaScale(torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9), accumulation_steps=world)
-    opt.zero_grad()
-    single = dh.run_steps(model, opt, model, lambda s: dh.micro_batches(s, world), steps, world,
-                          zero_grad=dh.zero_grad_for(zero, model, opt))
-    for dist_row, single_row in zip(results[0]["history"], single):
-        assert dist_row[0] == pytest.approx(single_row[0], rel=1e-6, abs=1e-6)  # gain
-        assert dist_row[2] == pytest.approx(single_row[2], rel=1e-5, abs=1e-7)  # sigma^2
-    assert single[-1][0] > 1.0 and not any(row[4] for row in single)
-
-
-@pytest.mark.parametrize("flat", [True, False], ids=["flat-sync", "comm-hook"])
-@pytest.mark.parametrize("bucket_view", [False, True], ids=["copied-grads", "gradient-as-bucket-view"])
-def test_attach_ddp_carries_statistics_in_ddp_all_reduce(tmp_path, monkeypatch, bucket_view, flat):
-    """One-process gloo group: with attach_ddp, step() runs no all-reduce beside the gradients' own
-    and gets the same gains and weights as without; misuse is a typed error. A small model leaves
-    DDP's reducer idle (AdaScale reduces its flat buffer; with one rank there is nothing to reduce)
-    until remove_hooks(); with FLAT_MAX_NUMEL = 0 the statistics ride on DDP's comm hook."""
-    import torch.distributed as dist
-
-    from elastic import adascale as adascale_module
-
-    if not flat:
-        monkeypatch.setattr(adascale_module, "FLAT_MAX_NUMEL", 0)
-    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
-    try:
-        with pytest.raises(AdaScaleError, match="DistributedDataParallel"):
-            AdaScale(torch.optim.SGD(dh.make_model().parameters(), lr=0.1)).attach_ddp(dh.make_model())
-        gains, weights = {}, {}
-        for attach in (False, True):
-            model = dh.make_model()
-            ddp = torch.nn.parallel.DistributedDataParallel(model, gradient_as_bucket_view=bucket_view)
-            opt = AdaScale(torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9), accumulation_steps=2)
-            if attach:
-                opt.attach_ddp(ddp)
-                with pytest.raises(AdaScaleError, match="attach_ddp"):
-                    opt.attach_ddp(ddp)  # DDP takes one comm hook
-            calls = {"step": 0, "comm hook": 0}
-            real, real_async = adascale_module.dist.all_reduce, adascale_module._all_reduce
-
-            def counted(key, fn):
-                def call(*a, **k):
-                    calls[key] += 1
-                    return fn(*a, **k)
-                return call
-
-            monkeypatch.setattr(adascale_module.dist, "all_reduce", counted("step", real))
-            monkeypatch.setattr(adascale_module, "_all_reduce", counted("comm hook", real_async))
-            history = dh.run_steps(model, opt, ddp, lambda s: dh.micro_batches(s, 2), 3, 2)
-            monkeypatch.setattr(adascale_module.dist, "all_reduce", real)
-            monkeypatch.setattr(adascale_module, "_all_reduce", real_async)
-            gains[attach] = [row[0] for row in history]
-            weights[attach] = [p.detach().clone() for p in model.parameters()]
-            if attach and not flat:  # the statistics rode on DDP's own reduction: step() ran none of its own
-                assert calls == {"step": 0, "comm hook": 3}
-            else:  # one rank: AdaScale reduces nothing, and without a comm hook neither does DDP's
-                assert calls == {"step": 0, "comm hook": 0}
-            # Attached to a small model, AdaScale holds DDP's gradient sync off, and gives it back.
-            assert ddp.require_backward_grad_sync is not (attach and flat)
-            opt.remove_hooks()
-            assert ddp.require_backward_grad_sync
-        assert gains[True] == pytest.approx(gains[False], rel=1e-6)  # float32 sums in a different order
-        assert gains[True][-1] > 1.0
-        for attached, plain in zip(weights[True], weights[False]):
-            assert torch.allclose(attached, plain, atol=1e-6)
-    finally:
-        destroy_process_group()
-
-
-@pytest.mark.slow
-def test_attached_flat_sync_gives_the_optimizer_what_ddp_gives(tmp_path):
-    """A head used on one rank only and a parameter no rank uses: with AdaScale reducing the flat
-    buffer itself, the gradients after backward() and those the inner optimizer sees are exactly
-    DDP's (find_unused_parameters), None for the unused one included, and the weights stay
-    identical across ranks."""
+def test_ddp_unused_parameters_get_what_plain_ddp_gives(tmp_path):
+    """A head used on one rank only and a parameter no rank uses (find_unused_parameters): the
+    gradients before and inside step() and the weights are exactly plain DDP's at scale 1."""
     world_size = 2
     mp.spawn(dh.unused_params_worker, args=(world_size, str(tmp_path)), nprocs=world_size, join=True)
     ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(world_size)]
     for seen in ranks:
-        # Between backward() and step() the gradients are already averaged, as with DDP's reducer
-        # (the spare parameter aside: None there until step() knows no rank reached it).
         for bare_step, ada_step in zip(seen["bare"]["before_step"], seen["adascale"]["before_step"]):
-            for b, a in zip(bare_step[:-2], ada_step[:-2]):
-                assert torch.allclose(a, b, rtol=1e-6, atol=1e-7)
-        for bare_step, ada_step in zip(seen["bare"]["grads"], seen["adascale"]["grads"]):
             assert [g is None for g in ada_step] == [g is None for g in bare_step]
-            assert bare_step[-1] is None and bare_step[-2] is None  # spare: reached by no rank
             for b, a in zip(bare_step, ada_step):
                 if b is not None:
-                    assert torch.allclose(a, b, rtol=1e-6, atol=1e-7)
-            assert bare_step[2].abs().sum() > 0  # head_a: rank 0's gradient, averaged onto both ranks
+                    assert torch.equal(a, b)
         for b, a in zip(seen["bare"]["params"], seen["adascale"]["params"]):
-            assert torch.allclose(a, b, rtol=1e-6, atol=1e-7)
+            assert torch.equal(a, b)
     for p0, p1 in zip(ranks[0]["adascale"]["params"], ranks[1]["adascale"]["params"]):
         assert torch.equal(p0, p1)
-
-
-@pytest.mark.slow
-@pytest.mark.parametrize("zero", ["adascale", "model", "none"])
-def test_attached_flat_no_gradient_flags_do_not_outlive_their_step(zero, tmp_path):
-    """The tail's "no gradient" flags of one step (head_a reached by no rank) must not mark head_a
-    gradient-less at the next step, which reaches every parameter, however the caller zeroes
-    between steps (opt.zero_grad zeroes the flags with the buffer; otherwise the all-reduce does)."""
-    world_size = 2
-    mp.spawn(dh.head_switch_worker, args=(world_size, str(tmp_path), zero), nprocs=world_size, join=True)
-    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(world_size)]
-    initial = [p.detach() for p in dh.TwoHeads(spare=False).head_a.parameters()]
-    for seen in ranks:
-        assert seen["none"] == [[True, True], [False, False]]
-        assert all(not torch.equal(a, b) for a, b in zip(seen["head_a"], initial))  # step 1 moved it
-    for a, b in zip(ranks[0]["head_a"], ranks[1]["head_a"]):
-        assert torch.equal(a, b)
