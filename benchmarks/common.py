@@ -1,4 +1,4 @@
-"""Helpers shared by the benchmarks: thread pinning, steady malloc thresholds, a confidence interval for
+"""Helpers shared by the benchmarks: thread pinning, a confidence interval for
 a median, batch fetching, markdown tables, result files."""
 
 from __future__ import annotations
@@ -67,30 +67,3 @@ def write_text(path: Path, text: str) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(text)
     return path
-
-
-#: glibc ``mallopt`` parameters (malloc.h).
-_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
-#: Allocations up to this size come from the heap, not from a fresh ``mmap`` each (glibc's maximum).
-STEADY_MMAP_THRESHOLD = 32 << 20
-#: Free memory at the heap's top is kept up to this size instead of being returned to the system.
-STEADY_TRIM_THRESHOLD = 1 << 30
-
-
-def steady_malloc() -> bool:
-    """Stop glibc malloc from handing freed memory back to the system between steps; True if done.
-
-    By default glibc serves large blocks with ``mmap`` and trims the heap's top, with thresholds
-    that move with the history of frees. A training step then pays for thousands of page faults
-    (measured: 2,000-3,300 per step for digits at batch 128 with 4 passes, about 15% of the step),
-    and how many depends on where each tensor happened to land, which differs from run to run and
-    between two arms of one run. Fixing both thresholds (as jemalloc or tcmalloc would do by design)
-    makes the count ~0 and the timings repeatable. No-op (False) where the C library is not glibc."""
-    import ctypes
-    import platform
-
-    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
-        return False
-    libc = ctypes.CDLL(None)
-    return bool(libc.mallopt(_M_MMAP_THRESHOLD, STEADY_MMAP_THRESHOLD)
-                and libc.mallopt(_M_TRIM_THRESHOLD, STEADY_TRIM_THRESHOLD))

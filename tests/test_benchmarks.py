@@ -139,108 +139,49 @@ def test_bad_sweep_config_raises_typed_errors():
 
 # ----------------------------------------------------------------------------------- overhead
 def test_overhead_quick_writes_its_table(tmp_path):
-    # --default-malloc: fixing malloc's thresholds would last for the rest of this test process
-    # (test_steady_malloc_on_glibc checks it in a process of its own).
-    assert overhead.main(["--quick", "--control", "--default-malloc", "--out", str(tmp_path)]) == 0
-    rows = _table_rows((tmp_path / "overhead_quick.md").read_text())
-    assert [r[0] for r in rows] == [c.label for c in overhead.QUICK_CONFIGS]
-    for _, params, bare_ms, ada_ms, ratio, ci, bare_cpu, ada_cpu, cpu_ratio, faults, each, control, control_ci, _ in rows:
-        assert int(params.replace(",", "")) > 1000
-        assert float(bare_ms) > 0 and float(ada_ms) > 0 and float(bare_cpu) > 0 and float(ada_cpu) > 0
-        assert float(ratio) == pytest.approx(float(ada_ms) / float(bare_ms), abs=2e-3)
-        assert float(cpu_ratio) == pytest.approx(float(ada_cpu) / float(bare_cpu), abs=2e-3)
-        assert all(float(f) >= 0 for f in faults.split(" / "))
-        assert each == ratio  # one measurement per config
-        assert ci == control_ci == "-"  # no interval from one measurement
-        assert 0.5 < float(control) < 2.0  # the second bare arm ran (its ratio is noise only)
+    assert overhead.main(["--quick", "--steps", "3", "--warmup", "1", "--repeats", "2", "--out", str(tmp_path)]) == 0
     text = (tmp_path / "overhead_quick.md").read_text()
-    assert re.search(r"Median of 10 interleaved steps", text)
-    assert "control ratio (bare / bare)" in text and "the C library's default malloc" in text
+    rows = _table_rows(text)
+    assert [r[0] for r in rows] == [c.label for c in overhead.QUICK]
+    for _, params, bare_ms, ada_ms, ratio, interval, pairs, target in rows:
+        assert int(params.replace(",", "")) > 1000
+        assert float(bare_ms) > 0 and float(ada_ms) > 0
+        assert 0.3 < float(ratio) < 3.0
+        assert pairs == "6" and re.fullmatch(r"\d\.\d{3}-\d\.\d{3}", interval)
+        assert target == "reported only"  # digits is no target
+    assert "--steps 3 --warmup 1 --repeats 2" in text
 
 
-def test_steady_malloc_on_glibc():
-    """In a fresh interpreter (the test process keeps its allocator): True exactly where libc is glibc."""
-    import platform
-
-    code = "from benchmarks.common import steady_malloc; print(steady_malloc(), steady_malloc())"
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
-                         cwd=Path(__file__).resolve().parents[1]).stdout.split()
-    glibc = platform.system() == "Linux" and platform.libc_ver()[0] == "glibc"
-    assert out == [str(glibc)] * 2
-
-
-def test_overhead_repeats_report_the_median_ratio():
-    config = overhead.OverheadConfig("digits", 8, 1)
-    runs = [overhead.OverheadResult(config, 100, 10, bare, ada, bare, ada)
-            for bare, ada in ((10.0, 10.5), (10.0, 9.9), (12.0, 12.24))]
-    row = overhead.combine(runs)
-    assert row.repeat_ratios == pytest.approx((1.05, 0.99, 1.02))
-    assert row.ratio == pytest.approx(1.02) and row.cpu_ratio == pytest.approx(1.02)  # not 10.5 / 10.0
-    assert row.bare_ms == 10.0 and row.adascale_ms == 10.5
-    assert "1.050, 0.990, 1.020" in overhead.format_table([row])
-    assert "control" not in overhead.format_table([row])  # no control arm, no control columns
-    controlled = overhead.combine([overhead.OverheadResult(config, 100, 10, 10.0, 10.5, 10.0, 10.5, 5.0, 7.0, ctl)
-                                   for ctl in (10.1, 9.8, 10.3)])
-    assert controlled.control_ratio == pytest.approx(1.01) and controlled.control_ms == 10.1
-    table = overhead.format_table([controlled, row])
-    assert "1.010, 0.980, 1.030" in table and "| 5 / 7 |" in table
-    assert table.splitlines()[-1].endswith("| - | - | - |")  # a row measured without the control arm
-
-
-def test_median_ci_is_the_order_statistics_interval():
-    values = [1.0 + i / 100 for i in (7, 3, 14, 0, 9, 1, 12, 5, 11, 2, 13, 6, 4, 10, 8)]  # 1.00..1.14, shuffled
-    assert median_ci(values) == pytest.approx((1.03, 1.11))  # n = 15: the 4th and the 12th smallest
-    assert median_ci(values, confidence=0.5) == pytest.approx((1.05, 1.09))  # narrower: the 6th and 10th
-    assert median_ci(values[:6]) == (min(values[:6]), max(values[:6]))  # 6 values: 1 - 2/64 >= 95%
-    assert median_ci(values[:5]) is None  # 1 - 2/32 < 95%: no interval
-    with pytest.raises(ValueError, match="confidence"):
-        median_ci(values, confidence=1.0)
-    config = overhead.OverheadConfig("digits", 8, 1)
-    row = overhead.combine([overhead.OverheadResult(config, 100, 10, 10.0, 10.0 * v, 10.0, 10.0 * v) for v in values])
-    assert "| 1.030-1.110 |" in overhead.format_table([row])
+def test_overhead_result_pairs_ratios_and_judges_targets():
+    config = overhead.OverheadConfig("resnet18", 32, 1)
+    bare = tuple(100.0 for _ in range(15))
+    ratios = [1.00, 1.01, 0.99, 1.02, 1.015, 1.005, 1.0, 1.03, 0.98, 1.01, 1.0, 1.01, 1.02, 0.995, 1.0]
+    result = overhead.OverheadResult(config, 11_000_000, bare, tuple(100.0 * r for r in ratios))
+    assert result.ratio == pytest.approx(1.005)
+    assert result.interval == pytest.approx(median_ci(ratios))
+    assert result.meets_target is True
+    assert "<= 1.02: met" in overhead.format_table([result])
+    slow = overhead.OverheadResult(overhead.OverheadConfig("gpt", 8, 1, 2), 1, bare, tuple(104.0 for _ in bare))
+    assert slow.meets_target is False and "**missed**" in overhead.format_table([slow])
+    assert overhead.OverheadResult(overhead.OverheadConfig("digits", 8), 1, bare, bare).meets_target is None
 
 
 def test_overhead_rejects_unknown_model():
     with pytest.raises(overhead.OverheadError, match="model"):
         overhead.OverheadConfig("resnet", 32)
+    assert overhead.main(["--models", "vgg"]) == 2
 
 
-@pytest.mark.parametrize("flat", [True, False], ids=["list-append-hooks", "python-hooks"])
-def test_overhead_breakdown_accounts_for_the_hooks(monkeypatch, flat):
-    from elastic import adascale
+def test_representative_models_have_the_advertised_sizes():
+    from benchmarks.models import check_sizes
 
-    if not flat:
-        monkeypatch.setattr(adascale, "FLAT_MAX_NUMEL", 0)
-    config = overhead.OverheadConfig("digits", 8, 2)
-    b = overhead.breakdown(config, steps=6, warmup=1)
-    assert b.hook_calls == 12  # 6 parameter tensors x 2 micro-batches
-    # A small model's hooks are list appends: counted, but no Python body to time.
-    assert (b.hooks_ms == 0) if flat else (b.hooks_ms > 0)
-    assert b.statistics_ms > 0 and b.bookkeeping_ms >= 0
-    assert b.adascale_ms > 0 and b.bare_ms > 0
-    assert "hooks ms" in overhead.format_breakdown([b])
+    sizes = check_sizes()
+    assert 10e6 < sizes["resnet18"] < 12e6 and 10e6 < sizes["gpt"] < 12e6 and sizes["digits"] < 20_000
 
 
-def test_overhead_runs_reads_back_and_pools_the_written_tables(tmp_path, capsys):
-    from benchmarks import overhead_runs
+def test_median_ci_is_the_order_statistics_interval():
+    values = [1.0 + i / 100 for i in range(15)]
+    assert median_ci(values) == (values[3], values[11])
+    assert median_ci(values[:5]) is None
 
-    config = overhead.OverheadConfig("digits", 8, 1)
 
-    def write(name: str, ratios, controls):
-        row = overhead.combine([overhead.OverheadResult(config, 100, 10, 10.0, 10.0 * r, 10.0, 10.0 * r, 0.0, 0.0, 10.0 * c)
-                                for r, c in zip(ratios, controls)])
-        path = tmp_path / f"overhead_{name}.md"
-        path.write_text("# title\n\n" + overhead.format_table([row]))
-        return path
-
-    a = write("a", [1.01, 1.02, 1.00, 1.03, 1.02, 1.01], [1.0] * 6)
-    b = write("b", [1.04, 1.05, 1.06, 1.04, 1.05, 1.07], [0.99] * 6)
-    ratios, controls = overhead_runs.read_run(a)[config.label]
-    assert ratios == pytest.approx([1.01, 1.02, 1.00, 1.03, 1.02, 1.01]) and controls == pytest.approx([1.0] * 6)
-    assert overhead_runs.main([str(a), str(b), "--pool", str(a)]) == 0
-    out = capsys.readouterr().out
-    assert "| 1.015 (1.000-1.030) | **1.050 (1.040-1.070)** |" in out  # each run; b above the target, in bold
-    assert f"| {config.label} | 6 | 1.015 (1.000-1.030) | 1.000 (1.000-1.000) |" in out  # only a is pooled
-    (tmp_path / "notes.md").write_text("no table here\n")
-    assert overhead_runs.main([str(tmp_path / "notes.md")]) == 2
-    assert "no table" in capsys.readouterr().err

@@ -1,0 +1,140 @@
+"""Representative models for the benchmarks: a ResNet-18-style CNN and a GPT-style decoder.
+
+Both are written with torch.nn alone (torchvision does not install beside the pinned CPU torch).
+Each builder returns the model and a function that makes one synthetic batch of the shape the
+model trains on, so a benchmark times the real forward/backward cost without any data loading.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+Batch = tuple[torch.Tensor, torch.Tensor]
+MakeBatch = Callable[[torch.Generator, int], Batch]
+
+
+class BasicBlock(nn.Module):
+    def __init__(self, c_in: int, c_out: int, stride: int) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(c_in, c_out, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(c_out)
+        self.conv2 = nn.Conv2d(c_out, c_out, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(c_out)
+        self.shortcut = nn.Sequential()
+        if stride != 1 or c_in != c_out:
+            self.shortcut = nn.Sequential(nn.Conv2d(c_in, c_out, 1, stride, bias=False), nn.BatchNorm2d(c_out))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = F.relu(self.bn1(self.conv1(x)))
+        return F.relu(self.bn2(self.conv2(out)) + self.shortcut(x))
+
+
+class ResNet18(nn.Module):
+    """ResNet-18 for 32x32 images (CIFAR stem: one 3x3 convolution, no max-pool): ~11.2M parameters."""
+
+    def __init__(self, classes: int = 10, width: int = 64) -> None:
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, width, 3, 1, 1, bias=False), nn.BatchNorm2d(width), nn.ReLU())
+        layers, c_in = [], width
+        for i, c_out in enumerate((width, 2 * width, 4 * width, 8 * width)):
+            stride = 1 if i == 0 else 2
+            layers += [BasicBlock(c_in, c_out, stride), BasicBlock(c_out, c_out, 1)]
+            c_in = c_out
+        self.layers = nn.Sequential(*layers)
+        self.head = nn.Linear(c_in, classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(F.adaptive_avg_pool2d(self.layers(self.stem(x)), 1).flatten(1))
+
+
+class DecoderBlock(nn.Module):
+    def __init__(self, dim: int, heads: int) -> None:
+        super().__init__()
+        self.heads = heads
+        self.ln1, self.ln2 = nn.LayerNorm(dim), nn.LayerNorm(dim)
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.proj = nn.Linear(dim, dim)
+        self.mlp = nn.Sequential(nn.Linear(dim, 4 * dim), nn.GELU(), nn.Linear(4 * dim, dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, t, d = x.shape
+        q, k, v = self.qkv(self.ln1(x)).view(b, t, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)
+        attn = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        x = x + self.proj(attn.transpose(1, 2).reshape(b, t, d))
+        return x + self.mlp(self.ln2(x))
+
+
+class GPT(nn.Module):
+    """A GPT-style byte-level decoder: learned positions, pre-norm blocks, tied embedding.
+    Defaults (6 layers, width 384, 6 heads, 256 tokens, context 128): ~10.8M parameters."""
+
+    def __init__(self, vocab: int = 256, context: int = 128, dim: int = 384, layers: int = 6, heads: int = 6) -> None:
+        super().__init__()
+        self.context = context
+        self.tokens = nn.Embedding(vocab, dim)
+        self.positions = nn.Parameter(torch.zeros(context, dim))
+        self.blocks = nn.Sequential(*(DecoderBlock(dim, heads) for _ in range(layers)))
+        self.ln = nn.LayerNorm(dim)
+        self.apply(self._init)
+
+    @staticmethod
+    def _init(module: nn.Module) -> None:
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(module.weight, std=0.02)
+        if isinstance(module, nn.Linear) and module.bias is not None:
+            nn.init.zeros_(module.bias)
+
+    def forward(self, idx: torch.Tensor) -> torch.Tensor:
+        x = self.tokens(idx) + self.positions[: idx.shape[1]]
+        return self.ln(self.blocks(x)) @ self.tokens.weight.T
+
+
+def parameter_count(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def resnet18() -> tuple[nn.Module, MakeBatch, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]]:
+    def batch(gen: torch.Generator, size: int) -> Batch:
+        return torch.randn(size, 3, 32, 32, generator=gen), torch.randint(0, 10, (size,), generator=gen)
+
+    return ResNet18(), batch, F.cross_entropy
+
+
+def gpt() -> tuple[nn.Module, MakeBatch, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]]:
+    model = GPT()
+
+    def batch(gen: torch.Generator, size: int) -> Batch:
+        tokens = torch.randint(0, 256, (size, model.context + 1), generator=gen)
+        return tokens[:, :-1], tokens[:, 1:]
+
+    def loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1))
+
+    return model, batch, loss
+
+
+def digits() -> tuple[nn.Module, MakeBatch, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]]:
+    from examples.digits import DigitsNet
+
+    def batch(gen: torch.Generator, size: int) -> Batch:
+        return torch.randn(size, 1, 8, 8, generator=gen), torch.randint(0, 10, (size,), generator=gen)
+
+    return DigitsNet(), batch, F.cross_entropy
+
+
+BUILDERS = {"resnet18": resnet18, "gpt": gpt, "digits": digits}
+
+
+def check_sizes() -> dict[str, int]:
+    """Parameter counts, for the docs (ResNet-18 ~11.2M, GPT ~10.8M, digits ~10k)."""
+    return {name: parameter_count(build()[0]) for name, build in BUILDERS.items()}
+
+
+if __name__ == "__main__":  # pragma: no cover
+    for name, count in check_sizes().items():
+        print(f"{name}: {count:,} parameters ({math.log2(count):.1f} bits)")
