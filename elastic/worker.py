@@ -121,6 +121,7 @@ class ElasticWorker:
 
     def leave(self) -> None:
         self.ddp = self.model  # the DDP wrapper goes before its process group does
+        self.opt.detach_ddp()
         if dist.is_initialized():
             dist.destroy_process_group()
         self.rank, self.world_size = -1, 0

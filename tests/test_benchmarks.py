@@ -185,3 +185,24 @@ def test_median_ci_is_the_order_statistics_interval():
     assert median_ci(values[:5]) is None
 
 
+
+
+# ------------------------------------------------------------------------------ docs/benchmarks.md
+def test_docs_benchmarks_page_regenerates_exactly_from_the_results():
+    from benchmarks import docs
+
+    assert docs.main(["--check"]) == 0, "docs/benchmarks.md is stale: run python -m benchmarks.docs"
+
+
+def test_docs_page_orders_files_and_demotes_headings(tmp_path):
+    from benchmarks import docs
+
+    (tmp_path / "zeta.md").write_text("| a |\n|---|\n| 1 |\n")
+    (tmp_path / "overhead.md").write_text("# AdaScale cost\n\n```\n# not a heading\n```\n")
+    text = docs.render(tmp_path)
+    assert text.index("## AdaScale cost") < text.index("## zeta")
+    assert "# not a heading" in text and "## not a heading" not in text
+    out = tmp_path / "docs" / "page.md"
+    assert docs.main(["--results", str(tmp_path), "--out", str(out), "--check"]) == 1
+    assert docs.main(["--results", str(tmp_path), "--out", str(out)]) == 0
+    assert docs.main(["--results", str(tmp_path), "--out", str(out), "--check"]) == 0
