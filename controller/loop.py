@@ -49,8 +49,11 @@ logger = logging.getLogger(__name__)
 class TrainerControl(Protocol):
     """What the loop needs from the trainer (ElasticTrainer implements it)."""
 
-    def set_target_workers(self, n: int, reason: str) -> None:
-        """Grow or shrink in place to ``n`` workers at the next step boundary; idempotent."""
+    def set_target_workers(self, n: int, reason: str, at_progress: float | None = None,
+                           at_time_s: float | None = None) -> None:
+        """Grow or shrink in place to ``n`` workers at the next step boundary; idempotent. With a
+        trigger, new workers are started now and the resize waits for the first boundary at which
+        tau >= ``at_progress`` or elapsed >= ``at_time_s`` (only triggered decisions pass them)."""
 
     def released_workers(self) -> Sequence[str]:
         """Ids of workers the trainer has released whose capacity may now be removed.
@@ -168,14 +171,17 @@ class ReconcileLoop:
             )
         self._last_logged = (action, desired) if action != "noop" else None
 
+        trigger = {}
+        if isinstance(decision, ResizeDecision) and decision.triggered:
+            trigger = {"at_progress": decision.at_progress, "at_time_s": decision.at_time_s}
         try:
             if action == "grow":
                 # Capacity first, so the new workers have somewhere to start.
                 self._scale(desired, ())
-                self.trainer.set_target_workers(desired, decision.reason)
+                self.trainer.set_target_workers(desired, decision.reason, **trigger)
             elif action == "shrink":
                 # Trainer first: it releases workers at a step boundary; only then may capacity go.
-                self.trainer.set_target_workers(desired, decision.reason)
+                self.trainer.set_target_workers(desired, decision.reason, **trigger)
                 self._remove_released(desired)
             else:
                 self._remove_released(self.trainer.current_workers())

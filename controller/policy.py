@@ -115,6 +115,11 @@ class JobSnapshot:
     """``now_s``-clock time of the last completed resize; None if the job never resized."""
     elapsed_s: float = 0.0
     """Seconds since the job started (drives time-triggered schedule steps)."""
+    progress_rate_per_s: float | None = None
+    """Recent tau per second at the current size; None before it was measured."""
+    worker_startup_s: float | None = None
+    """Measured seconds from asking for a new worker to its being ready (process, imports, model);
+    None before any was measured."""
 
     def __post_init__(self) -> None:
         if not _is_real(self.now_s):
@@ -136,7 +141,8 @@ class JobSnapshot:
         for name in ("progress", "elapsed_s"):
             if not _is_real(getattr(self, name)):
                 raise SnapshotError(f"JobSnapshot.{name} must be a finite number, got {getattr(self, name)!r}")
-        for name in ("total_progress", "grad_variance", "grad_sqnorm", "last_resize_s"):
+        for name in ("total_progress", "grad_variance", "grad_sqnorm", "last_resize_s", "progress_rate_per_s",
+                     "worker_startup_s"):
             value = getattr(self, name)
             if value is not None and not _is_real(value):
                 raise SnapshotError(f"JobSnapshot.{name} must be a finite number or None, got {value!r}")
@@ -161,10 +167,20 @@ class JobSnapshot:
 
 @dataclass(frozen=True)
 class ResizeDecision:
-    """Resize the job to ``target_workers``; ``reason`` says why, with the numbers."""
+    """Resize the job to ``target_workers``; ``reason`` says why, with the numbers.
+
+    With a trigger (``at_progress`` and/or ``at_time_s``) the decision is announced ahead: capacity
+    and new workers are prepared now, and the trainer resizes at the first step boundary at which
+    either trigger has fired (tau >= at_progress, or elapsed >= at_time_s). Without one, at once."""
 
     target_workers: int
     reason: str
+    at_progress: float | None = None
+    at_time_s: float | None = None
+
+    @property
+    def triggered(self) -> bool:
+        return self.at_progress is not None or self.at_time_s is not None
 
 
 @dataclass(frozen=True)
@@ -321,15 +337,28 @@ def _as_step(index: int, raw: Any) -> ScheduleStep:
     )
 
 
+#: Worker start-up seconds assumed before one was measured (ENVIRONMENT.md: a new actor takes 2-6 s).
+DEFAULT_WORKER_STARTUP_S = 6.0
+
+
 @dataclass(frozen=True)
 class SchedulePolicy:
-    """Target = ``workers`` of the last step (in the given order) whose trigger has passed.
+    """Target = ``workers`` of the last step (in the given order) whose trigger has passed; the
+    next step is announced ahead of its trigger.
 
-    Before any step fires the current size is kept.  Steps are numbered from 1 in reasons.
-    Derived from tau and elapsed time only, so a restarted controller reaches the same target.
+    A schedule is a plan known in advance: once the current target is reached, the next step is
+    returned as a triggered ResizeDecision (applied by the trainer at the first step boundary at or
+    after its trigger) as soon as its expected time of arrival is within ``lead_factor`` times the
+    measured worker start-up plus ``lead_s``; with no measured progress rate it is announced at
+    once. Before any step fires the current size is kept. Steps are numbered from 1 in reasons.
+    Derived from the snapshot only, so a restarted controller reaches the same decision.
     """
 
     steps: Sequence[ScheduleStep]
+    lead_factor: float = 2.0
+    """Announce a step this many start-up times before its trigger (new workers must be warm by then)."""
+    lead_s: float = 4.0
+    """... plus this many seconds (at least the controller's interval, so a pass falls in between)."""
 
     def __post_init__(self) -> None:
         if isinstance(self.steps, (str, bytes)) or not isinstance(self.steps, Sequence):
@@ -341,6 +370,10 @@ class SchedulePolicy:
         except (TypeError, ValueError) as exc:
             raise PolicyConfigError(f"schedule steps: {exc}") from None
         object.__setattr__(self, "steps", steps)
+        for name in ("lead_factor", "lead_s"):
+            value = getattr(self, name)
+            if not _is_real(value) or value < 0:
+                raise PolicyConfigError(f"schedule {name} must be a finite number >= 0, got {value!r}")
 
     def decide(self, snapshot: JobSnapshot) -> Decision:
         low, high = worker_bounds(snapshot)
@@ -364,7 +397,56 @@ class SchedulePolicy:
         target = min(max(wanted, low), high)
         if target != wanted:
             reason += f" (clamped to {target}: {_bounds_text(snapshot)})"
+        if target == snapshot.current_workers:
+            ahead = self._announce_next(snapshot, 0 if fired is None else fired[0], low, high)
+            if ahead is not None:
+                return ahead
         return _decision(snapshot, target, reason)
+
+    def _announce_next(self, snapshot: JobSnapshot, fired_number: int, low: int, high: int) -> ResizeDecision | None:
+        """The first step after the fired one that changes the size, if it is due to be prepared."""
+        for number, step in enumerate(self.steps[fired_number:], start=fired_number + 1):
+            target = min(max(step.workers, low), high)
+            if target == snapshot.current_workers:
+                continue
+            eta_s = self._eta_s(step, snapshot)
+            startup_s = snapshot.worker_startup_s if snapshot.worker_startup_s is not None else DEFAULT_WORKER_STARTUP_S
+            lead_s = self.lead_factor * startup_s + self.lead_s
+            if eta_s is not None and eta_s > lead_s:
+                return None
+            when = "rate not measured yet" if eta_s is None else f"expected in {eta_s:.1f} s, lead {lead_s:.1f} s"
+            return ResizeDecision(
+                target,
+                f"schedule step {number} wants {_plural(target)} at "
+                f"{_trigger_text(step)} ({when}): preparing now",
+                at_progress=step.at_progress,
+                at_time_s=step.at_time_s,
+            )
+        return None
+
+    @staticmethod
+    def _eta_s(step: ScheduleStep, snapshot: JobSnapshot) -> float | None:
+        """Seconds until the step's first trigger fires; None when the progress rate is unknown."""
+        etas = []
+        if step.at_time_s is not None:
+            etas.append(max(step.at_time_s - snapshot.elapsed_s, 0.0))
+        if step.at_progress is not None:
+            rate = snapshot.progress_rate_per_s
+            if rate is None or rate <= 0:
+                if step.at_time_s is None:
+                    return None
+            else:
+                etas.append(max(step.at_progress - snapshot.progress, 0.0) / rate)
+        return min(etas)
+
+
+def _trigger_text(step: ScheduleStep) -> str:
+    parts = []
+    if step.at_progress is not None:
+        parts.append(f"tau {step.at_progress:g}")
+    if step.at_time_s is not None:
+        parts.append(f"{step.at_time_s:g} s")
+    return " or ".join(parts)
 
 
 # --------------------------------------------------------------------------- available / fixed

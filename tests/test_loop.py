@@ -29,6 +29,8 @@ class World:
         self.hosted = [f"w{i}" for i in range(workers)]  # capacity actually provisioned
         self.live = list(self.hosted)  # workers training
         self.target = workers
+        self.target_triggers: list[tuple] = []
+        self.due_at: float | None = None
         self.released: list[str] = []
         self.progress = 0.0
         self._next_id = workers
@@ -55,11 +57,13 @@ class World:
                 self.effects.append(("remove", name))
 
     # -- TrainerControl
-    def set_target_workers(self, n: int, reason: str) -> None:
+    def set_target_workers(self, n: int, reason: str, at_progress=None, at_time_s=None) -> None:
         self.calls.append(("set_target", n))
+        self.target_triggers.append((n, at_progress, at_time_s))
         if n != self.target:
             self.effects.append(("target", n))
         self.target = n
+        self.due_at = at_progress
 
     def released_workers(self):
         return tuple(self.released)
@@ -69,7 +73,9 @@ class World:
 
     # -- simulation
     def step_boundary(self) -> None:
-        """The trainer reaches a step boundary: it shrinks or grows to its target."""
+        """The trainer reaches a step boundary: it shrinks or grows to its target (once its trigger fired)."""
+        if self.due_at is not None and self.progress < self.due_at:
+            return
         while len(self.live) > self.target:
             self.released.append(self.live.pop())
         for name in self.hosted:
@@ -241,7 +247,11 @@ def test_trainer_error_is_counted():
 def test_schedule_policy_through_the_loop():
     world = World(workers=1, capacity=8)
     loop = make_loop(world, policy=SchedulePolicy([(10.0, None, 4), (20.0, None, 2)]))
-    assert isinstance(loop.reconcile_once(), NoopDecision)
+    announced = loop.reconcile_once()  # no rate measured: the first step is prepared at once
+    assert announced.at_progress == 10.0 and world.target_triggers[-1] == (4, 10.0, None)
+    assert ("scale_to", 4, ()) in world.calls  # capacity first, as for any grow
+    world.step_boundary()
+    assert len(world.live) == 1  # prepared, not applied: tau 0 < 10
     world.progress = 10.0
     loop.reconcile_once()
     world.step_boundary()

@@ -139,9 +139,35 @@ STEPS = [(600.0, None, 4), (1800.0, None, 2)]
 
 
 def test_schedule_keeps_size_before_first_step():
-    decision = SchedulePolicy(STEPS).decide(snap(progress=599.9))
+    # 1 tau/s and 5 s start-ups: the step at tau 600 is 100 s away, beyond the 2 * 5 + 4 s lead.
+    decision = SchedulePolicy(STEPS).decide(snap(progress=500.0, progress_rate_per_s=1.0, worker_startup_s=5.0))
     assert isinstance(decision, NoopDecision)
     assert "no schedule step reached" in decision.reason
+
+
+def test_schedule_announces_the_next_step_within_its_lead():
+    """A schedule is a plan: the next step comes as a triggered decision once it is within
+    lead_factor start-ups + lead_s of its trigger, or at once while the rate is unknown."""
+    policy = SchedulePolicy(STEPS)
+    near = policy.decide(snap(progress=590.0, progress_rate_per_s=1.0, worker_startup_s=3.0))  # 10 s <= 2 * 3 + 4
+    assert near == ResizeDecision(4, near.reason, at_progress=600.0) and near.triggered
+    assert "expected in 10.0 s" in near.reason
+    assert isinstance(policy.decide(snap(progress=589.0, progress_rate_per_s=1.0, worker_startup_s=3.0)), NoopDecision)
+    unknown = policy.decide(snap(progress=0.0))
+    assert unknown.at_progress == 600.0 and "rate not measured" in unknown.reason
+    # At the first step's size, the second (a shrink) is announced the same way.
+    after = policy.decide(snap(current_workers=4, progress=1795.0, progress_rate_per_s=2.0, worker_startup_s=1.0))
+    assert after == ResizeDecision(2, after.reason, at_progress=1800.0)
+    # A fired step whose size is not reached yet comes first, untriggered.
+    assert policy.decide(snap(current_workers=1, progress=700.0)) == ResizeDecision(
+        4, "tau 700.0 >= 600: schedule step 1 wants 4 workers")
+    # Time triggers count down on their own; a step to the current size is skipped.
+    timed = SchedulePolicy([{"at_time_s": 30, "workers": 1}, {"at_time_s": 60, "workers": 3}])
+    assert isinstance(timed.decide(snap(elapsed_s=40.0)), NoopDecision)  # 20 s away, lead 2 * 6 + 4 s
+    assert timed.decide(snap(elapsed_s=50.0)) == ResizeDecision(3, timed.decide(snap(elapsed_s=50.0)).reason,
+                                                                 at_time_s=60)
+    with pytest.raises(PolicyConfigError, match="lead_s"):
+        SchedulePolicy(STEPS, lead_s=-1)
 
 
 def test_schedule_triggers_by_tau():
@@ -150,13 +176,15 @@ def test_schedule_triggers_by_tau():
     decision = SchedulePolicy(STEPS).decide(snap(current_workers=4, progress=2000.0))
     assert target_of(decision) == 2
     assert "schedule step 2" in decision.reason
-    # Already at the step's size: nothing to do.
-    assert isinstance(SchedulePolicy(STEPS).decide(snap(current_workers=4, progress=700.0)), NoopDecision)
+    # Already at the step's size, the next step far away: nothing to do.
+    assert isinstance(SchedulePolicy(STEPS).decide(snap(current_workers=4, progress=700.0, progress_rate_per_s=1.0)),
+                      NoopDecision)
 
 
 def test_schedule_triggers_by_time_and_accepts_mappings():
     policy = SchedulePolicy([{"at_time_s": 120, "workers": 3}])
-    assert isinstance(policy.decide(snap(elapsed_s=119.0)), NoopDecision)
+    assert isinstance(policy.decide(snap(elapsed_s=100.0)), NoopDecision)
+    assert policy.decide(snap(elapsed_s=119.0)).at_time_s == 120  # within the lead: announced
     decision = policy.decide(snap(elapsed_s=120.0))
     assert decision == ResizeDecision(3, "elapsed 120.0 s >= 120 s: schedule step 1 wants 3 workers")
 
