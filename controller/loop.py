@@ -55,6 +55,9 @@ class TrainerControl(Protocol):
         trigger, new workers are started now and the resize waits for the first boundary at which
         tau >= ``at_progress`` or elapsed >= ``at_time_s`` (only triggered decisions pass them)."""
 
+    def expect_resize(self, at_progress: float | None, at_time_s: float | None) -> None:
+        """Optional: a resize is coming at this trigger; end calls there (sent before capacity is added)."""
+
     def released_workers(self) -> Sequence[str]:
         """Ids of workers the trainer has released whose capacity may now be removed.
 
@@ -176,6 +179,10 @@ class ReconcileLoop:
             trigger = {"at_progress": decision.at_progress, "at_time_s": decision.at_time_s}
         try:
             if action == "grow":
+                if trigger:  # calls stop at the trigger while capacity comes (a trainer may not know how)
+                    expect = getattr(self.trainer, "expect_resize", None)
+                    if expect is not None:
+                        expect(**trigger)
                 # Capacity first, so the new workers have somewhere to start.
                 self._scale(desired, ())
                 self.trainer.set_target_workers(desired, decision.reason, **trigger)

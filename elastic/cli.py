@@ -252,6 +252,10 @@ def _print_summary(summary) -> None:
         for r in summary.resizes:
             table.add_row(f"{r.progress:.1f}", f"{r.from_workers} -> {r.to_workers}", r.direction, r.cause, f"{r.pause_s:.3f}")
         console.print(table)
+    for missed in summary.extra.get("missed_schedule_steps", ()):
+        when = f"tau {missed['at_progress']:g}" if missed["at_progress"] is not None else f"{missed['at_time_s']:g} s"
+        console.print(f"[yellow]schedule step {missed['step']} ({missed['workers']} workers at {when}) never "
+                      f"happened[/yellow]: {missed['reason']}")
     if summary.stopped_early:
         console.print(f"[yellow]stopped early[/yellow] at tau {summary.progress:.1f}; continue with: "
                       f"elastic run JOB.yaml --resume")

@@ -286,6 +286,12 @@ class ScalingConfig(_Section):
     """goodput: never scale to where predicted statistical efficiency r(S)/S falls below this, in (0, 1]."""
     hysteresis: Float = Field(default=0.05, ge=0, lt=1)
     """goodput: resize only if predicted goodput improves by more than this fraction, in [0, 1)."""
+    late_workers: Literal["wait", "continue"] = "wait"
+    """schedule: when a step's trigger is reached before its new workers are ready, ``wait`` for them
+    (up to late_wait_s, counted as the resize's pause) or ``continue`` at the old size (said once)
+    and grow when they are ready."""
+    late_wait_s: Float = Field(default=120.0, ge=0)
+    """schedule, late_workers=wait: the longest wait at a trigger before going on without them."""
 
     @model_validator(mode="after")
     def _check(self) -> ScalingConfig:

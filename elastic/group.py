@@ -13,6 +13,7 @@ The group knows nothing of Kubernetes, policies or checkpoints; the trainer driv
 
 from __future__ import annotations
 
+import collections
 import itertools
 import logging
 import time
@@ -89,6 +90,8 @@ class WorkerGroup:
         self._name = name
         self.members: list[Member] = []
         self.pending: dict[str, Pending] = {}
+        self.startup_s: collections.deque[float] = collections.deque(maxlen=20)
+        """Seconds from spawn to ready of the workers started lately (newest last)."""
 
     @property
     def size(self) -> int:
@@ -126,6 +129,7 @@ class WorkerGroup:
                     logger.warning("worker %s died while starting", p.member.worker_id)
                     continue
                 p.ready_s = time.monotonic()
+                self.startup_s.append(p.ready_s - p.spawned_s)
         return [p.member for p in self.pending.values() if p.ready_s is not None]
 
     def wait_ready(self, count: int, timeout_s: float) -> list[Member]:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import collections
 import contextlib
 import json
+import math
 import logging
 import signal
 import statistics
@@ -100,6 +101,11 @@ class ElasticTrainer:
         self._stop = threading.Event()
         self._target = spec.workers.initial
         self._target_cause = "schedule"
+        # A triggered target (a schedule step announced ahead): applied at the first step boundary at
+        # which tau >= at_progress or elapsed >= at_time_s; (None, None) means at once.
+        self._target_at: tuple[float | None, float | None] = (None, None)
+        self._late_said: tuple[int, float | None, float | None] | None = None
+        self._hold_at: float | None = None  # tau of the next announced trigger: no call runs past it
         self._released: list[str] = []
         self._resizes: list[ResizeEvent] = []
         self._step_times: dict[int, collections.deque] = {}
@@ -191,13 +197,32 @@ class ElasticTrainer:
         return float(self._last.get("progress", 0.0))
 
     # ================================================================ controller interface
-    def set_target_workers(self, n: int, reason: str) -> None:
+    def set_target_workers(self, n: int, reason: str, at_progress: float | None = None,
+                           at_time_s: float | None = None) -> None:
         n = min(max(n, self.spec.workers.min), self.spec.workers.max)
         with self._lock:
-            if n != self._target:
+            if (n, (at_progress, at_time_s)) != (self._target, self._target_at):
                 logger.info("target %d -> %d workers: %s", self._target, n, reason)
             self._target = n
+            self._target_at = (at_progress, at_time_s)
+            if at_progress is not None:
+                self._hold_at = at_progress
         self.metrics.set_target_workers(n)
+
+    def expect_resize(self, at_progress: float | None, at_time_s: float | None = None) -> None:
+        """A scheduled resize comes at this trigger (its capacity is being added): calls end there."""
+        if at_progress is not None:
+            with self._lock:
+                self._hold_at = at_progress
+
+    def _trigger_due(self, at: tuple[float | None, float | None]) -> bool:
+        """Whether a target with trigger ``at`` may be applied at this boundary."""
+        at_progress, at_time_s = at
+        if at_progress is None and at_time_s is None:
+            return True
+        if at_progress is not None and self.progress >= at_progress:
+            return True
+        return at_time_s is not None and time.monotonic() - self._started_s >= at_time_s
 
     def released_workers(self) -> list[str]:
         with self._lock:
@@ -247,7 +272,18 @@ class ElasticTrainer:
             step_time_s_by_workers=seen["step_time_s"],
             last_resize_s=self._last_resize_s,
             elapsed_s=time.monotonic() - self._started_s,
+            progress_rate_per_s=self._progress_rate_per_s(),
+            worker_startup_s=max(self.group.startup_s) if self.group is not None and self.group.startup_s else None,
         )
+
+    def _progress_rate_per_s(self) -> float | None:
+        """tau per second at the current size: the last gain over the median step time."""
+        with self._lock:
+            times = self._step_times.get(self.current_workers())
+            gain = self._last.get("gain")
+            if not times or gain is None:
+                return None
+            return float(gain) / max(statistics.median(times), 1e-9)
 
     # ================================================================ the training loop
     def _train_into(self, result: dict[str, Any], done: threading.Event | None) -> None:
@@ -291,6 +327,7 @@ class ElasticTrainer:
                 if self._stop.is_set():
                     logger.warning("stopping early on request at tau %.1f", self._last.get("progress", 0.0))
                     break
+                self._await_announced_target()
                 resize = self._apply_target(boundary_s)
                 if self.group.size == 0:
                     self._recover_all_lost()
@@ -332,6 +369,10 @@ class ElasticTrainer:
                                        "(failure.max_consecutive_skipped_steps); lower the learning rate")
             evaluation = self.group.evaluate()
             self._checkpoint()
+            for missed in self.missed_schedule_steps():
+                logger.warning("schedule step %d (%d workers at %s) never happened: %s", missed["step"],
+                               missed["workers"], f"tau {missed['at_progress']:g}" if missed["at_progress"] is not None
+                               else f"{missed['at_time_s']:g} s", missed["reason"])
         except BaseException:
             if self._call_in_flight:
                 logger.warning("no checkpoint at the stop: it came in the middle of a call of several steps, "
@@ -370,37 +411,120 @@ class ElasticTrainer:
         every = spec.checkpoint.every_steps
         count = min(count, every - self._steps % every)
         # A step advances tau by its gain, at most S = world * accumulation_steps.
-        remaining = spec.total_progress - float(self._last.get("progress", 0.0))
-        count = min(count, max(1, int(remaining // (world * spec.accumulation_steps))))
+        scale = world * spec.accumulation_steps
+        tau = float(self._last.get("progress", 0.0))
+        count = min(count, max(1, int((spec.total_progress - tau) // scale)))
+        # Nor past a scheduled resize's trigger: ceil((at - tau) / S) steps cannot carry tau beyond the
+        # first boundary at or after it, whatever the gains.
+        with self._lock:
+            at_progress = self._hold_at
+        if at_progress is not None and tau < at_progress:
+            count = min(count, max(1, math.ceil((at_progress - tau) / scale)))
         return count
 
     # ---------------------------------------------------------------- resizing at a boundary
     def _apply_target(self, boundary_s: float) -> tuple[int, int, str, str] | None:
-        """Grow or shrink toward the target; returns (from, to, direction, cause) if the group changed."""
+        """Grow or shrink toward the target; returns (from, to, direction, cause) if the group changed.
+
+        New workers are started as soon as a target above the size is known, triggered or not; the
+        group changes only once the target's trigger (if any) has fired."""
         with self._lock:
-            target = self._target
+            target, at = self._target, self._target_at
             cause = self._target_cause
         size, pending = self.group.size, len(self.group.pending)
         if size == 0:
             return None  # nothing to grow from: _recover_all_lost restores the checkpoint first
+        due = self._trigger_due(at)
         if target > size:
             if size + pending < target:
                 self.group.spawn(target - size - pending)
+            if not due:
+                return None  # warming up ahead of the trigger
             ready = self.group.poll_ready()
+            triggered = at != (None, None)
+            if triggered and len(ready) < target - size:
+                ready = self._late_workers(target - size, at)
             all_ready = len(ready) == len(self.group.pending)
-            if ready and (all_ready or self.group.oldest_ready_wait_s() > GROW_BATCH_WAIT_S):
+            if ready and (triggered or all_ready or self.group.oldest_ready_wait_s() > GROW_BATCH_WAIT_S):
                 joining = ready[: target - size]
                 self.group.grow(joining)
                 return size, self.group.size, "grow", cause
             return None
         if pending:
             self.group.cancel_pending()
-        if target < size:
+        if target < size and due:
             released, _ = self.group.shrink(size - target)
             with self._lock:
                 self._released.extend(self.backend.release_id(m) for m in released)
             return size, self.group.size, "shrink", cause
         return None
+
+    def _await_announced_target(self) -> None:
+        """At an announced trigger whose target has not come yet (its capacity is still being added):
+        wait for it (scaling.late_workers=wait, up to late_wait_s), else go on."""
+        with self._lock:
+            hold, target_at = self._hold_at, self._target_at[0]
+        if hold is None or self.progress < hold:
+            return
+        if target_at != hold and self.spec.scaling.late_workers == "wait":
+            logger.warning("scheduled resize at tau %.1f: waiting up to %.0f s for its capacity", self.progress,
+                           self.spec.scaling.late_wait_s)
+            deadline = time.monotonic() + self.spec.scaling.late_wait_s
+            while time.monotonic() < deadline and not self._stop.is_set():
+                with self._lock:
+                    if self._target_at[0] == hold:
+                        break
+                time.sleep(0.02)
+        with self._lock:
+            if self._hold_at == hold:
+                self._hold_at = None
+
+    def _late_workers(self, needed: int, at: tuple[float | None, float | None]) -> list:
+        """A trigger has fired before its new workers are ready: wait for them (scaling.late_workers)
+        up to scaling.late_wait_s, or go on and say so once."""
+        s = self.spec.scaling
+        if self._late_said == (needed, *at):  # waited (or said so) once for this trigger already
+            return self.group.poll_ready()
+        self._late_said = (needed, *at)
+        if s.late_workers == "wait":
+            logger.warning("scheduled resize at tau %.1f: waiting up to %.0f s for %d new worker(s) to be ready",
+                           self.progress, s.late_wait_s, needed)
+            ready = self.group.wait_ready(needed, s.late_wait_s)
+            if len(ready) < needed:
+                logger.warning("scheduled resize: %d of %d new worker(s) ready after %.0f s; going on with them",
+                               len(ready), needed, s.late_wait_s)
+            return ready
+        logger.warning("scheduled resize at tau %.1f: new workers not ready yet; training on at %d worker(s) "
+                       "until they are (scaling.late_workers=continue)", self.progress, self.group.size)
+        return self.group.poll_ready()
+
+    def missed_schedule_steps(self) -> list[dict[str, Any]]:
+        """Schedule steps whose resize never happened, each with why (for the summary and the log).
+
+        A step counts as done when the group reached its size at or after its trigger (tau, or any
+        time for a time trigger), or was at that size already."""
+        if self.spec.scaling.policy != "schedule":
+            return []
+        elapsed = time.monotonic() - self._started_s
+        missed, size = [], self.spec.workers.initial
+        events = [e for e in self._resizes if e.cause != "failure"]
+        cursor = 0  # resizes before this one answered earlier steps
+        for number, step in enumerate(self.spec.scaling.steps, start=1):
+            wanted = min(max(step.workers, self.spec.workers.min), self.spec.workers.max)
+            after = step.at_progress if step.at_time_s is None else 0.0
+            if wanted == size:
+                continue
+            match = next((i for i in range(cursor, len(events))
+                          if events[i].to_workers == wanted and events[i].progress >= after - 1e-9), None)
+            if match is not None:
+                size, cursor = wanted, match + 1
+                continue
+            reached = (step.at_progress is not None and self.progress >= step.at_progress) or (
+                step.at_time_s is not None and elapsed >= step.at_time_s)
+            reason = "its workers never joined (no capacity came)" if reached else "the job finished first"
+            missed.append({"step": number, "at_progress": step.at_progress, "at_time_s": step.at_time_s,
+                           "workers": wanted, "reason": reason})
+        return missed
 
     def _recover_all_lost(self) -> None:
         """Every worker is gone: wait for capacity, then resume from the newest checkpoint."""
@@ -548,7 +672,8 @@ class ElasticTrainer:
         if s.policy == "fixed":
             return make_policy("fixed")
         if s.policy == "schedule":
-            return make_policy("schedule", steps=[step.model_dump() for step in s.steps])
+            # Announce a step ahead by its expected warm-up plus two controller periods.
+            return make_policy("schedule", steps=[step.model_dump() for step in s.steps], lead_s=2 * s.interval_s)
         if s.policy == "goodput":
             return make_policy("goodput", min_efficiency=s.min_efficiency, hysteresis=s.hysteresis, cooldown_s=s.cooldown_s)
         return make_policy("available")
@@ -575,7 +700,7 @@ class ElasticTrainer:
             checkpoint_step=self.checkpoints.latest_step(),
             metrics_url=self._exporter.url if self._exporter is not None else None,
             stopped_early=self._last.get("progress", 0.0) < self.spec.total_progress,
-            extra={"abandoned_steps": self._abandoned_steps},
+            extra={"abandoned_steps": self._abandoned_steps, "missed_schedule_steps": self.missed_schedule_steps()},
         )
 
 
