@@ -135,7 +135,7 @@ def summarize(results: Sequence[ElasticResult]) -> tuple[list[list[str]], list[s
         accs = [r.accuracy for r in group]
         std = statistics.stdev(accs) if len(accs) > 1 else 0.0
         late = max((k for r in group for _, _, k in r.resizes), default=0)
-        at = "; ".join(", ".join(f"{a:.1f}" for _, a, _ in r.resizes) for r in group) or "-"
+        at = "; ".join(", ".join(f"{a:.1f}" for _, a, _ in r.resizes) for r in group) if any(r.resizes for r in group) else "-"
         rows.append([task, run, rule, f"{statistics.fmean(accs):.4f} +- {std:.4f}", f"{statistics.fmean(r.steps for r in group):.0f}",
                      f"{statistics.fmean(r.samples for r in group):.0f}", at, str(late)])
         if rule == "adascale" and run in ELASTIC:

@@ -115,6 +115,9 @@ def test_quickstart_matches_a_fixed_size_run(tmp_path):
     sizes = [(r.from_workers, r.to_workers) for r in elastic.resizes]
     assert any(b > a for a, b in sizes) and any(b < a for a, b in sizes), sizes
     assert max(b for _, b in sizes) == 4 and elastic.final_workers == 2
+    # The schedule's resizes land at its triggers (T/4 and T/2), within one step (at most S of tau).
+    at = [(r.to_workers, r.progress) for r in elastic.resizes if r.cause == "schedule"]
+    assert [w for w, _ in at] == [4, 2] and 2500 <= at[0][1] < 2501 and 5000 <= at[1][1] < 5004, at
     assert fixed.resizes == () and fixed.final_workers == 2
     for run in (elastic, fixed):
         assert run.progress >= run.total_progress == elastic_spec.total_progress
