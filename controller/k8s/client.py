@@ -1,8 +1,7 @@
 """API plumbing of the operator: credentials, and create / read / delete of its children by kind.
 
-Every child kind maps to one :class:`Kind` (where it lives in the API); the calls are the same
-for all of them, through ``ApiClient.call_api`` on the resource's path, so no code dispatches on
-kind strings. Errors come back as :class:`ApiFailure`: ``permanent`` when the API server refused
+Every child kind maps to one :class:`Kind` (where it lives in the API and which client methods
+reach it), so the handlers never dispatch on kind strings themselves. Errors come back as :class:`ApiFailure`: ``permanent`` when the API server refused
 the object itself (400, 403, 404 on create, 422 invalid), so that the
 handler marks the job Failed instead of retrying for ever.
 """
@@ -12,7 +11,7 @@ from __future__ import annotations
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable
 
 import kubernetes
 
@@ -21,19 +20,46 @@ __all__ = ["Kind", "KINDS", "ApiFailure", "ChildClient", "load_kube_configuratio
 
 @dataclass(frozen=True)
 class Kind:
+    """Where one kind of child lives in the API, and which client methods reach it."""
+
     group_version: str
     """``v1`` for the core group, else ``group/version``."""
     plural: str
+    typed: tuple[str, str] | None = None
+    """Built-in kinds: (API class, method suffix), e.g. ("CoreV1Api", "config_map"); None: a custom resource."""
 
-    def path(self, namespace: str, name: str | None = None) -> str:
-        root = "/api/v1" if self.group_version == "v1" else f"/apis/{self.group_version}"
-        return f"{root}/namespaces/{namespace}/{self.plural}" + (f"/{name}" if name else "")
+    def _typed(self, api: kubernetes.client.ApiClient, verb: str) -> Callable[..., Any]:
+        api_class, suffix = self.typed  # type: ignore[misc]
+        return getattr(getattr(kubernetes.client, api_class)(api), f"{verb}_namespaced_{suffix}")
+
+    def create(self, api: kubernetes.client.ApiClient, namespace: str, body: Mapping[str, Any]) -> None:
+        if self.typed:
+            self._typed(api, "create")(namespace, dict(body))
+        else:
+            group, version = self.group_version.split("/")
+            kubernetes.client.CustomObjectsApi(api).create_namespaced_custom_object(
+                group, version, namespace, self.plural, dict(body))
+
+    def read(self, api: kubernetes.client.ApiClient, namespace: str, name: str) -> dict[str, Any]:
+        if self.typed:
+            return api.sanitize_for_serialization(self._typed(api, "read")(name, namespace))
+        group, version = self.group_version.split("/")
+        return kubernetes.client.CustomObjectsApi(api).get_namespaced_custom_object(
+            group, version, namespace, self.plural, name)
+
+    def delete(self, api: kubernetes.client.ApiClient, namespace: str, name: str) -> None:
+        if self.typed:
+            self._typed(api, "delete")(name, namespace, propagation_policy="Background")
+        else:
+            group, version = self.group_version.split("/")
+            kubernetes.client.CustomObjectsApi(api).delete_namespaced_custom_object(
+                group, version, namespace, self.plural, name, propagation_policy="Background")
 
 
 KINDS: dict[str, Kind] = {
-    "ConfigMap": Kind("v1", "configmaps"),
-    "PersistentVolumeClaim": Kind("v1", "persistentvolumeclaims"),
-    "NetworkPolicy": Kind("networking.k8s.io/v1", "networkpolicies"),
+    "ConfigMap": Kind("v1", "configmaps", ("CoreV1Api", "config_map")),
+    "PersistentVolumeClaim": Kind("v1", "persistentvolumeclaims", ("CoreV1Api", "persistent_volume_claim")),
+    "NetworkPolicy": Kind("networking.k8s.io/v1", "networkpolicies", ("NetworkingV1Api", "network_policy")),
     "RayCluster": Kind("ray.io/v1", "rayclusters"),
     "RayJob": Kind("ray.io/v1", "rayjobs"),
 }
@@ -75,17 +101,11 @@ class ChildClient:
     def __init__(self, api: kubernetes.client.ApiClient) -> None:
         self.api = api
 
-    def _call(self, method: str, path: str, body: Any = None) -> Any:
-        data, _, _ = self.api.call_api(path, method, body=body, response_type="object", auth_settings=["BearerToken"],
-                                       header_params={"Content-Type": "application/json", "Accept": "application/json"},
-                                       _return_http_data_only=False)
-        return data
-
     def create(self, obj: Mapping[str, Any]) -> None:
         """Create a child; one that exists already (an earlier attempt of the handler) is kept."""
         kind, meta = obj["kind"], obj["metadata"]
         try:
-            self._call("POST", KINDS[kind].path(meta["namespace"]), dict(obj))
+            KINDS[kind].create(self.api, meta["namespace"], obj)
         except kubernetes.client.ApiException as exc:
             if exc.status == 409:  # AlreadyExists
                 return
@@ -95,7 +115,7 @@ class ChildClient:
     def read(self, kind: str, namespace: str, name: str) -> dict[str, Any] | None:
         """The object, or None when it does not exist."""
         try:
-            return self._call("GET", KINDS[kind].path(namespace, name))
+            return KINDS[kind].read(self.api, namespace, name)
         except kubernetes.client.ApiException as exc:
             if exc.status == 404:
                 return None
@@ -104,7 +124,7 @@ class ChildClient:
     def delete(self, kind: str, namespace: str, name: str) -> None:
         """Delete a child (its dependents in the background); one that is gone already is fine."""
         try:
-            self._call("DELETE", KINDS[kind].path(namespace, name), {"propagationPolicy": "Background"})
+            KINDS[kind].delete(self.api, namespace, name)
         except kubernetes.client.ApiException as exc:
             if exc.status != 404:
                 raise ApiFailure(f"delete {kind} {name}: HTTP {exc.status}: {_reason(exc)}", exc.status, False) from exc
