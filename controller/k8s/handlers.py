@@ -17,6 +17,7 @@ from typing import Any, Callable
 import kopf
 import kubernetes
 
+from controller.actuators.base import ActuationError
 from controller.actuators.kuberay import KubeRayActuator
 from controller.k8s import builders
 from controller.k8s.client import ApiFailure, ChildClient, load_kube_configuration
@@ -143,6 +144,22 @@ def _submit(job: ElasticJob, body: kopf.Body, attempt: int, memo: kopf.Memo, par
     return {"driverAttempt": attempt, "message": f"driver {rayjob['metadata']['name']} submitted"}
 
 
+def _restart_capacity(job: ElasticJob, memo: kopf.Memo, param: OperatorConfig) -> dict[str, Any]:
+    """Before a retried driver starts: room for the ``initial`` workers it starts with, and no stale report.
+
+    The dead driver's ``status.trainer`` would drive scaling passes until the new one reports, and a
+    group shrunk below ``initial`` would leave the new driver waiting for workers that never come.
+    """
+    actuator = KubeRayActuator(job.namespace, builders.raycluster_name(job.name), WORKER_GROUP,
+                               kubernetes.client.CustomObjectsApi(memo.api_client))
+    try:
+        if actuator.group_state().replicas < job.initial_workers:
+            actuator.scale_to(job.initial_workers)
+    except ActuationError as exc:
+        raise kopf.TemporaryError(str(exc), delay=param.retry_delay_s) from None
+    return {"trainer": None, "workers": 0, "targetWorkers": job.initial_workers}
+
+
 @_writes_status
 def reconcile_job(body: kopf.Body, spec: kopf.Spec, status: kopf.Status, meta: kopf.Meta, name: str,
                   namespace: str, memo: kopf.Memo, param: OperatorConfig, **_: Any) -> dict[str, Any]:
@@ -176,7 +193,7 @@ def reconcile_job(body: kopf.Body, spec: kopf.Spec, status: kopf.Status, meta: k
         if attempt < job.driver_retries:
             kopf.warn(body, reason="DriverRetry", message=f"driver attempt {attempt} failed ({why}); "
                       f"submitting attempt {attempt + 1}, which resumes from the last checkpoint")
-            return _submit(job, body, attempt + 1, memo, param)
+            return {**_restart_capacity(job, memo, param), **_submit(job, body, attempt + 1, memo, param)}
         raise JobFailed("DriverFailed", f"driver {builders.rayjob_name(name, attempt)} failed ({why}) after "
                         f"{attempt + 1} attempt(s); RayCluster {builders.raycluster_name(name)} kept for inspection")
 
