@@ -17,7 +17,8 @@ import yaml
 
 from controller.k8s.contract import ElasticJobStatusClient, TrainerReport, epoch_s
 from controller.k8s.handlers import register
-from controller.k8s.reconcile import OperatorMetrics, StatusTrainerControl, driver_outcome, job_snapshot, policy_for
+from controller.k8s.reconcile import OperatorMetrics, StatusTrainerControl, cluster_ready, driver_outcome, job_snapshot, \
+    policy_for
 from controller.k8s.spec import DRIVER_METRICS_PORT, ENV_VARS, MAX_JOB_NAME, STATE_MOUNT, ElasticJob, OperatorConfig, \
     SpecError
 from controller.policy import FixedPolicy, GoodputPolicy, SchedulePolicy
@@ -144,6 +145,13 @@ def test_policy_for_each_scaling_policy():
     goodput = policy_for(scaling(policy="goodput", cooldown_s=5, min_efficiency=0.7))
     assert isinstance(goodput, GoodputPolicy) and (goodput.cooldown_s, goodput.min_efficiency) == (5, 0.7)
     assert isinstance(policy_for(scaling()), FixedPolicy)
+
+
+def test_cluster_ready_from_state_or_condition():
+    assert not cluster_ready({}) and not cluster_ready({"status": {"state": "unhealthy"}})
+    assert cluster_ready({"status": {"state": "ready"}})
+    assert cluster_ready({"status": {"conditions": [{"type": "RayClusterProvisioned", "status": "True"}]}})
+    assert not cluster_ready({"status": {"conditions": [{"type": "RayClusterProvisioned", "status": "False"}]}})
 
 
 def test_driver_outcome_from_the_rayjob_status():

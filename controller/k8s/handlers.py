@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import functools
 import logging
-import time
 from typing import Any, Callable
 
 import kopf
@@ -22,7 +21,7 @@ from controller.actuators.kuberay import KubeRayActuator
 from controller.k8s import builders
 from controller.k8s.client import ApiFailure, ChildClient, load_kube_configuration
 from controller.k8s.contract import ELASTICJOB, TrainerReport, epoch_s, now_iso
-from controller.k8s.reconcile import OperatorMetrics, driver_outcome, run_pass
+from controller.k8s.reconcile import OperatorMetrics, cluster_ready, driver_outcome, run_pass
 from controller.k8s.spec import WORKER_GROUP, ElasticJob, OperatorConfig, SpecError
 from elastic.metrics import start_exporter
 
@@ -160,6 +159,57 @@ def _restart_capacity(job: ElasticJob, memo: kopf.Memo, param: OperatorConfig) -
     return {"trainer": None, "workers": 0, "targetWorkers": job.initial_workers}
 
 
+def _start_driver(job: ElasticJob, body: kopf.Body, memo: kopf.Memo, param: OperatorConfig) -> dict[str, Any]:
+    """Attempt 0, once the RayCluster is ready (a cold image pull can take minutes; nothing waits on it)."""
+    name = builders.raycluster_name(job.name)
+    raycluster = _apply(lambda: memo.children.read("RayCluster", job.namespace, name), param.retry_delay_s)
+    if raycluster is None:
+        raise JobFailed("RayClusterMissing", f"RayCluster {name} does not exist")
+    if not cluster_ready(raycluster):
+        return {}
+    return _submit(job, body, 0, memo, param)
+
+
+def _follow_driver(job: ElasticJob, body: kopf.Body, attempt: int, memo: kopf.Memo,
+                   param: OperatorConfig) -> dict[str, Any] | None:
+    """The status a finished (or vanished) driver attempt leads to; None while it runs."""
+    driver, cluster = builders.rayjob_name(job.name, attempt), builders.raycluster_name(job.name)
+    rayjob = _apply(lambda: memo.children.read("RayJob", job.namespace, driver), param.retry_delay_s)
+    if rayjob is None:
+        return _submit(job, body, attempt, memo, param)  # deleted behind our back: submit it again
+    outcome = driver_outcome(rayjob)
+    if outcome == "Succeeded":
+        _apply(lambda: memo.children.delete("RayCluster", job.namespace, cluster), param.retry_delay_s)
+        message = f"driver {driver} succeeded; RayCluster {cluster} deleted"
+        kopf.info(body, reason="Succeeded", message=message)
+        return _ended("Succeeded", "DriverSucceeded", message)
+    if outcome != "Failed":
+        return None
+    why = (rayjob.get("status") or {}).get("message") or (rayjob.get("status") or {}).get("reason") or "no reason"
+    if attempt >= job.driver_retries:
+        raise JobFailed("DriverFailed", f"driver {driver} failed ({why}) after {attempt + 1} attempt(s); "
+                        f"RayCluster {cluster} kept for inspection")
+    kopf.warn(body, reason="DriverRetry", message=f"driver attempt {attempt} failed ({why}); "
+              f"submitting attempt {attempt + 1}, which resumes from the last checkpoint")
+    return {**_restart_capacity(job, memo, param), **_submit(job, body, attempt + 1, memo, param)}
+
+
+def _scale(job: ElasticJob, body: kopf.Body, status: kopf.Status, meta: kopf.Meta, memo: kopf.Memo) -> dict[str, Any]:
+    """One scaling pass while the driver runs and reports."""
+    report = TrainerReport.from_status(status.get("trainer"))
+    if report is None:
+        return {}  # the driver has not reported yet
+    actuator = KubeRayActuator(job.namespace, builders.raycluster_name(job.name), WORKER_GROUP,
+                               kubernetes.client.CustomObjectsApi(memo.api_client))
+    metrics = memo.metrics.for_job(f"{job.namespace}/{job.name}", job.config.name)
+    result = run_pass(job, report, status, actuator, metrics, epoch_s(meta.get("creationTimestamp")), now_iso())
+    if result.resize_message:
+        kopf.info(body, reason="Resize", message=result.resize_message)
+    if result.failure_message:
+        kopf.warn(body, reason="ReconcileFailed", message=result.failure_message)
+    return result.status
+
+
 @_writes_status
 def reconcile_job(body: kopf.Body, spec: kopf.Spec, status: kopf.Status, meta: kopf.Meta, name: str,
                   namespace: str, memo: kopf.Memo, param: OperatorConfig, **_: Any) -> dict[str, Any]:
@@ -167,48 +217,11 @@ def reconcile_job(body: kopf.Body, spec: kopf.Spec, status: kopf.Status, meta: k
     if not status.get("phase") or status.get("phase") in TERMINAL_PHASES:
         return {}  # not created yet, or finished
     job = _validated(name, namespace, spec)
-    children = memo.children
     attempt = status.get("driverAttempt")
     if attempt is None:
-        raycluster = _apply(lambda: children.read("RayCluster", namespace, builders.raycluster_name(name)),
-                            param.retry_delay_s)
-        if raycluster is None:
-            raise JobFailed("RayClusterMissing", f"RayCluster {builders.raycluster_name(name)} does not exist")
-        if ((raycluster.get("status") or {}).get("state") or "").lower() != "ready":
-            return {}
-        return _submit(job, body, 0, memo, param)
-
-    rayjob = _apply(lambda: children.read("RayJob", namespace, builders.rayjob_name(name, attempt)), param.retry_delay_s)
-    if rayjob is None:
-        return _submit(job, body, attempt, memo, param)  # deleted behind our back: submit it again
-    outcome = driver_outcome(rayjob)
-    if outcome == "Succeeded":
-        _apply(lambda: children.delete("RayCluster", namespace, builders.raycluster_name(name)), param.retry_delay_s)
-        message = (f"driver {builders.rayjob_name(name, attempt)} succeeded; "
-                   f"RayCluster {builders.raycluster_name(name)} deleted")
-        kopf.info(body, reason="Succeeded", message=message)
-        return _ended("Succeeded", "DriverSucceeded", message)
-    if outcome == "Failed":
-        why = (rayjob.get("status") or {}).get("message") or (rayjob.get("status") or {}).get("reason") or "no reason given"
-        if attempt < job.driver_retries:
-            kopf.warn(body, reason="DriverRetry", message=f"driver attempt {attempt} failed ({why}); "
-                      f"submitting attempt {attempt + 1}, which resumes from the last checkpoint")
-            return {**_restart_capacity(job, memo, param), **_submit(job, body, attempt + 1, memo, param)}
-        raise JobFailed("DriverFailed", f"driver {builders.rayjob_name(name, attempt)} failed ({why}) after "
-                        f"{attempt + 1} attempt(s); RayCluster {builders.raycluster_name(name)} kept for inspection")
-
-    report = TrainerReport.from_status(status.get("trainer"))
-    if report is None:
-        return {}  # the driver has not reported yet: still Pending
-    actuator = KubeRayActuator(namespace, builders.raycluster_name(name), WORKER_GROUP,
-                               kubernetes.client.CustomObjectsApi(memo.api_client))
-    result = run_pass(job, report, status, actuator, memo.metrics.for_job(f"{namespace}/{name}", job.config.name),
-                      epoch_s(meta.get("creationTimestamp")), now_iso(), time.time)
-    if result.resize_message:
-        kopf.info(body, reason="Resize", message=result.resize_message)
-    if result.failure_message:
-        kopf.warn(body, reason="ReconcileFailed", message=result.failure_message)
-    return result.status
+        return _start_driver(job, body, memo, param)
+    ended_or_retried = _follow_driver(job, body, attempt, memo, param)
+    return ended_or_retried if ended_or_retried is not None else _scale(job, body, status, meta, memo)
 
 
 def delete_job(name: str, namespace: str, status: kopf.Status, memo: kopf.Memo, param: OperatorConfig,

@@ -31,7 +31,7 @@ from controller.k8s.contract import TrainerReport, epoch_s
 from controller.k8s.spec import ElasticJob
 from elastic.metrics import ControllerMetrics
 
-__all__ = ["StatusTrainerControl", "job_snapshot", "driver_outcome", "policy_for", "OperatorMetrics",
+__all__ = ["StatusTrainerControl", "job_snapshot", "cluster_ready", "driver_outcome", "policy_for", "OperatorMetrics",
            "PassResult", "run_pass"]
 
 
@@ -45,6 +45,15 @@ def policy_for(scaling: Any) -> Policy:
         return make_policy("goodput", min_efficiency=scaling.min_efficiency,
                            hysteresis=scaling.hysteresis, cooldown_s=scaling.cooldown_s)
     return make_policy(scaling.policy)
+
+
+def cluster_ready(raycluster: Mapping[str, Any]) -> bool:
+    """Whether KubeRay reports the RayCluster ready: ``status.state`` (what its RayJob controller waits
+    for; deprecated) or the ``RayClusterProvisioned`` condition that replaces it."""
+    status = raycluster.get("status") or {}
+    provisioned = any(c.get("type") == "RayClusterProvisioned" and c.get("status") == "True"
+                      for c in status.get("conditions") or ())
+    return provisioned or str(status.get("state") or "").lower() == "ready"
 
 
 def driver_outcome(rayjob: Mapping[str, Any] | None) -> str | None:
