@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -76,3 +77,15 @@ def test_the_driver_path_never_imports_kopf_or_the_handlers():
                          cwd=Path(__file__).resolve().parents[1])
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "[]"
+
+
+def test_a_driver_with_a_bad_job_resource_gets_one_line(tmp_path):
+    """`elastic run` in a driver whose ELASTIC_JOB_RESOURCE is not 'namespace/name': one line, no traceback."""
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "ELASTIC_JOB_RESOURCE": "digits", "RAY_AUTH_MODE": "disabled"}
+    out = subprocess.run([sys.executable, "-m", "elastic.cli", "run", str(root / "examples" / "quickstart.yaml"),
+                          "--set", f"run_dir={tmp_path / 'run'}", "--quiet"],
+                         capture_output=True, text=True, timeout=300, cwd=tmp_path, env=env)
+    assert out.returncode != 0
+    assert "ELASTIC_JOB_RESOURCE: must be 'namespace/name', got 'digits'" in out.stderr
+    assert "Traceback" not in out.stderr and out.stderr.strip().count("\n") == 0
