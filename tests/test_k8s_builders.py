@@ -10,7 +10,8 @@ import json
 
 from controller.actuators.base import WORKER_RESOURCE
 from controller.k8s import builders
-from controller.k8s.spec import DRIVER_METRICS_PORT, STATE_MOUNT, ElasticJob
+from controller.k8s.spec import DRIVER_METRICS_PORT, MAX_DRIVER_RETRIES, MAX_JOB_NAME, MAX_RAYCLUSTER_NAME, \
+    MAX_RAYJOB_NAME, STATE_MOUNT, ElasticJob
 from elastic.config import parse_job_spec
 from tests.test_k8s_operator import NS, SAMPLE, sample_job
 
@@ -134,3 +135,10 @@ def test_network_policy_opens_ray_ports_only_to_the_job():
         assert labels["elastic.dev/job"] == "digits", role
 
 
+
+
+def test_the_longest_allowed_name_fits_kuberays_limits():
+    """KubeRay: RayCluster names <= 53 characters, RayJob names <= 47 (MaxRayJobNameLength)."""
+    job = sample_job("j" * MAX_JOB_NAME)
+    assert len(builders.build_raycluster(job, "sa")["metadata"]["name"]) <= MAX_RAYCLUSTER_NAME == 53
+    assert len(builders.build_rayjob(job, MAX_DRIVER_RETRIES)["metadata"]["name"]) <= MAX_RAYJOB_NAME == 47

@@ -169,8 +169,9 @@ CEL_RULES = {
     ("workers", "self.min <= self.max"): lambda w, old: w["min"] <= w["max"],
     ("workers", "!has(self.initial) || (self.initial >= self.min && self.initial <= self.max)"):
         lambda w, old: "initial" not in w or w["min"] <= w["initial"] <= w["max"],
-    ("<root>", "size(self.metadata.name) <= 49 && self.metadata.name.matches('^[a-z]([-a-z0-9]*[a-z0-9])?$')"):
-        lambda obj, old: len(obj["metadata"]["name"]) <= 49 and re.match(r"^[a-z]([-a-z0-9]*[a-z0-9])?$", obj["metadata"]["name"]),
+    ("<root>", "size(self.metadata.name) <= 37 && self.metadata.name.matches('^[a-z]([-a-z0-9]*[a-z0-9])?$')"):
+        lambda obj, old: len(obj["metadata"]["name"]) <= 37 and re.match(r"^[a-z]([-a-z0-9]*[a-z0-9])?$",
+                                                                        obj["metadata"]["name"]),
     ("spec", "self == oldSelf"): lambda spec, old: old is None or spec == old,  # a transition rule: updates only
 }
 
@@ -247,7 +248,7 @@ BAD = {
                                  "spec.workerResources.limits.cpu"),
     "memory request not a quantity": (_bad("spec.workerResources.requests.memory", "2 GB"), "does not match",
                                       "spec.workerResources.requests.memory"),
-    "name too long for KubeRay": (_bad("metadata.name", "a" * 50), "CEL: size(self.metadata.name) <= 49",
+    "name too long for KubeRay": (_bad("metadata.name", "a" * 38), "CEL: size(self.metadata.name) <= 37",
                                   "metadata.name"),
     "storage size not a quantity": (_bad("spec.storage.size", "big"), "does not match", "spec.storage.size"),
     "negative driverRetries": (_bad("spec.driverRetries", -1), "less than the minimum of 0", "spec.driverRetries"),

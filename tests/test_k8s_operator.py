@@ -73,7 +73,7 @@ def test_spec_defaults_initial_to_min_and_detects_gpus():
 
 
 @pytest.mark.parametrize("name, spec, message", [
-    ("x" * (MAX_JOB_NAME + 1), {}, "metadata.name: must be a DNS-1035 label of at most 49 characters"),
+    ("x" * (MAX_JOB_NAME + 1), {}, "metadata.name: must be a DNS-1035 label of at most 37 characters"),
     ("1digits", {}, "metadata.name: must be a DNS-1035 label"),
     ("digits", {"workerResources": {"limits": {"cpu": "lots"}}},
      "spec.workerResources.limits.cpu: must be a Kubernetes quantity"),

@@ -24,7 +24,8 @@ from typing import Any
 import yaml
 
 from controller.actuators.base import WORKER_RESOURCE
-from controller.k8s.spec import DRIVER_METRICS_PORT, STATE_MOUNT, WORKER_GROUP, ElasticJob
+from controller.k8s.spec import DRIVER_METRICS_PORT, RAYCLUSTER_SUFFIX, RAYJOB_INFIX, STATE_MOUNT, WORKER_GROUP, \
+    ElasticJob
 
 __all__ = ["raycluster_name", "rayjob_name", "configmap_name", "pvc_name", "networkpolicy_name", "labels",
            "build_configmap", "build_pvc", "build_raycluster", "build_rayjob", "build_network_policy",
@@ -41,11 +42,11 @@ HEAD_MEMORY = "2Gi"
 
 
 def raycluster_name(job_name: str) -> str:
-    return f"{job_name}-ray"
+    return f"{job_name}{RAYCLUSTER_SUFFIX}"
 
 
 def rayjob_name(job_name: str, attempt: int) -> str:
-    return f"{job_name}-driver-{attempt}"
+    return f"{job_name}{RAYJOB_INFIX}{attempt}"
 
 
 def configmap_name(job_name: str) -> str:

@@ -18,7 +18,8 @@ from typing import Any
 
 from elastic.config import ConfigError, JobSpec, parse_job_spec
 
-__all__ = ["SpecError", "ElasticJob", "OperatorConfig", "QUANTITY", "MAX_JOB_NAME", "WORKER_GROUP",
+__all__ = ["SpecError", "ElasticJob", "OperatorConfig", "QUANTITY", "MAX_JOB_NAME", "WORKER_GROUP", "RAYJOB_INFIX",
+           "RAYCLUSTER_SUFFIX", "MAX_RAYJOB_NAME", "MAX_RAYCLUSTER_NAME", "MAX_DRIVER_RETRIES",
            "DRIVER_METRICS_PORT", "STATE_MOUNT", "ENV_VARS", "job_config"]
 
 WORKER_GROUP = "workers"
@@ -28,9 +29,16 @@ STATE_MOUNT = "/var/lib/elastic"
 """Where the durable volume (checkpoints, run directory) is mounted in the head pod (the driver's)."""
 GPU_RESOURCE = "nvidia.com/gpu"
 RAYCLUSTER_SUFFIX = "-ray"
+RAYJOB_INFIX = "-driver-"
+"""Driver attempt N of job NAME is the RayJob ``NAME-driver-N``."""
+MAX_DRIVER_RETRIES = 20
 MAX_RAYCLUSTER_NAME = 53
 """KubeRay's limit on a RayCluster name (a DNS-1035 label; its Services add suffixes)."""
-MAX_JOB_NAME = MAX_RAYCLUSTER_NAME - len(RAYCLUSTER_SUFFIX)
+MAX_RAYJOB_NAME = MAX_RAYCLUSTER_NAME - 6
+"""KubeRay's limit on a RayJob name (``MaxRayJobNameLength``)."""
+MAX_JOB_NAME = min(MAX_RAYCLUSTER_NAME - len(RAYCLUSTER_SUFFIX),
+                   MAX_RAYJOB_NAME - len(f"{RAYJOB_INFIX}{MAX_DRIVER_RETRIES}"))
+"""37: the longest ElasticJob name whose RayCluster and every driver RayJob KubeRay accepts."""
 DNS_1035 = re.compile(r"^[a-z]([-a-z0-9]*[a-z0-9])?$")
 # Kubernetes' resource.Quantity, as the KubeRay and core CRDs state it.
 QUANTITY = (r"^(\+|-)?(([0-9]+(\.[0-9]*)?)|(\.[0-9]+))(([KMGTPE]i)|[numkMGTPE]|"
@@ -114,8 +122,8 @@ class ElasticJob:
     def from_resource(cls, name: str, namespace: str, spec: Mapping[str, Any]) -> ElasticJob:
         """Validate ``spec`` of ElasticJob ``namespace/name``; SpecError with the first problem."""
         if len(name) > MAX_JOB_NAME or not DNS_1035.match(name):
-            raise SpecError(f"metadata.name: must be a DNS-1035 label of at most {MAX_JOB_NAME} characters, so "
-                            f"that RayCluster {name}{RAYCLUSTER_SUFFIX} fits KubeRay's {MAX_RAYCLUSTER_NAME} (got {name!r})")
+            raise SpecError(f"metadata.name: must be a DNS-1035 label of at most {MAX_JOB_NAME} characters, so that "
+                            f"KubeRay accepts its RayCluster and driver RayJob names (got {name!r})")
         image = spec.get("image")
         if not isinstance(image, str) or not image:
             raise SpecError(f"spec.image: required, a non-empty string (got {image!r})")
@@ -132,8 +140,8 @@ class ElasticJob:
         if size is None or not _QUANTITY.match(str(size)):
             raise SpecError(f"spec.storage.size: must be a Kubernetes quantity such as 1Gi (got {size!r})")
         retries = spec.get("driverRetries", 3)
-        if isinstance(retries, bool) or not isinstance(retries, int) or not 0 <= retries <= 20:
-            raise SpecError(f"spec.driverRetries: must be an integer in 0..20 (got {retries!r})")
+        if isinstance(retries, bool) or not isinstance(retries, int) or not 0 <= retries <= MAX_DRIVER_RETRIES:
+            raise SpecError(f"spec.driverRetries: must be an integer in 0..{MAX_DRIVER_RETRIES} (got {retries!r})")
         if not isinstance(spec.get("workers"), Mapping):
             raise SpecError(f"spec.workers: required, an object {{min, max, initial}} (got {spec.get('workers')!r})")
         job = spec.get("job") or {}
