@@ -1,7 +1,7 @@
 # One image for the ElasticJob operator, the driver and the Ray head/worker pods.
 #   docker build -t elastic-adascale:0.1.0 .
 #   CPU-only image: docker build --build-arg TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu ...
-# Not built on the development machine (no container engine there); see notes/README-kubernetes.md.
+# Not built on the development machine (no container engine there); see docs/kubernetes.md.
 FROM python:3.11-slim
 
 ARG TORCH_INDEX_URL=""

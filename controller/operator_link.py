@@ -11,7 +11,7 @@ import logging
 import threading
 from typing import Any
 
-from controller.k8s_operator import ElasticJobStatusClient, TrainerReport
+from controller.k8s.contract import ElasticJobStatusClient, TrainerReport
 
 logger = logging.getLogger(__name__)
 

@@ -475,7 +475,7 @@ def configmap_yaml(dashboard: str) -> str:
         "metadata": {
             "name": CONFIGMAP_NAME,
             # The Grafana sidecar (kube-prometheus-stack, grafana helm chart) loads ConfigMaps with this label.
-            "labels": {"grafana_dashboard": "1", "app.kubernetes.io/part-of": "elastic"},
+            "labels": {"grafana_dashboard": "1", "app.kubernetes.io/part-of": "elastic-adascale"},
             "annotations": {"grafana_folder": "Elastic training"},
         },
         "data": {"elastic-job.json": dashboard},
@@ -491,7 +491,7 @@ def prometheus_rule_yaml() -> str:
     doc = {
         "apiVersion": "monitoring.coreos.com/v1",
         "kind": "PrometheusRule",
-        "metadata": {"name": "elastic-job-rules", "labels": {"app.kubernetes.io/part-of": "elastic"}},
+        "metadata": {"name": "elastic-job-rules", "labels": {"app.kubernetes.io/part-of": "elastic-adascale"}},
         "spec": rules_document(),
     }
     return GENERATED_HEADER + _yaml(doc)

@@ -123,7 +123,13 @@ class RayBackend:
 
     def worker_actor_options(self) -> dict[str, Any]:
         c = self.spec.cluster
-        return {"num_cpus": c.num_cpus_per_worker, "num_gpus": 1 if c.use_gpu else 0}
+        options: dict[str, Any] = {"num_cpus": c.num_cpus_per_worker, "num_gpus": 1 if c.use_gpu else 0}
+        if c.backend == "kuberay":
+            from controller.actuators.base import WORKER_RESOURCE
+
+            # Each worker pod offers one (rayStartParams.resources): one rank per pod.
+            options["resources"] = {WORKER_RESOURCE: 1}
+        return options
 
     def release_id(self, member: Any) -> str:
         # KubeRay deletes pods by name; a pod's hostname is its name.

@@ -208,9 +208,12 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
     operator_client = None
     if os.environ.get("ELASTIC_JOB_RESOURCE"):  # a driver pod of the ElasticJob operator
-        from controller.k8s_operator import ElasticJobStatusClient
+        from controller.k8s.contract import ContractError, ElasticJobStatusClient
 
-        operator_client = ElasticJobStatusClient.from_env()
+        try:
+            operator_client = ElasticJobStatusClient.from_env()
+        except ContractError as exc:
+            return _fail(str(exc), EXIT_BAD_INPUT)
     trainer = ElasticTrainer(spec, resume=args.resume, ledger=args.ledger, show_progress=not args.quiet,
                              operator_client=operator_client)
     try:

@@ -7,7 +7,8 @@ received (``KubeEmulator.requests``) and stores (``KubeEmulator.object``).
 
 What kmock does not do (ENVIRONMENT.md): no resourceVersion/uid/creationTimestamp, merge patches
 replace lists, no controllers (nothing creates pods or garbage-collects owned objects), watches
-never end on their own, ``GET /version/`` is registered here by hand, namespaces cannot be listed.
+never end on their own, ``GET /version/`` is registered here by hand, namespaces cannot be listed,
+nothing is validated (``refuse_creates`` stands in for an API server refusing an object).
 Two of those are patched over here because kopf depends on them: discovery must show namespaces
 (kopf waits for them even with --all-namespaces), objects created with only a generateName (kopf's
 events) get a name, and ElasticJobs get a resourceVersion that grows
@@ -33,10 +34,14 @@ RESOURCES = {
     "elastic.dev/v1alpha1/elasticjobs": dict(kind="ElasticJob", singular="elasticjob", namespaced=True,
                                              subresources={"status"},
                                              verbs={"get", "list", "watch", "patch", "create", "delete"}),
-    "ray.io/v1/rayclusters": dict(kind="RayCluster", singular="raycluster", namespaced=True,
+    "ray.io/v1/rayclusters": dict(kind="RayCluster", singular="raycluster", namespaced=True, subresources={"status"},
                                   verbs={"get", "list", "watch", "patch", "create", "delete"}),
-    "batch/v1/jobs": dict(kind="Job", singular="job", namespaced=True, subresources={"status"},
-                          verbs={"get", "list", "create", "delete", "patch"}),
+    "ray.io/v1/rayjobs": dict(kind="RayJob", singular="rayjob", namespaced=True, subresources={"status"},
+                              verbs={"get", "list", "watch", "patch", "create", "delete"}),
+    "v1/persistentvolumeclaims": dict(kind="PersistentVolumeClaim", singular="persistentvolumeclaim",
+                                      namespaced=True, verbs={"get", "list", "create", "delete"}),
+    "networking.k8s.io/v1/networkpolicies": dict(kind="NetworkPolicy", singular="networkpolicy", namespaced=True,
+                                                 verbs={"get", "list", "create", "delete"}),
     "v1/configmaps": dict(kind="ConfigMap", singular="configmap", namespaced=True,
                           verbs={"get", "list", "create", "delete"}),
     "v1/pods": dict(kind="Pod", singular="pod", namespaced=True, verbs={"get", "list", "create", "delete"}),
@@ -73,6 +78,11 @@ def _versioned_emulator() -> Any:
                 meta["name"] = f"{meta['generateName']}{next(_versions)}"  # kmock ignores generateName
             if request.resource is not None and request.resource == _VERSIONED and request.action in writes:
                 _bump_resource_version(request)
+            refusal = next((answer for resource, answer in self.refusals.items()
+                            if request.resource is not None and request.resource == resource
+                            and request.action == kmock.action.CREATE), None)
+            if refusal is not None:  # what an API server's validation would answer (kmock validates nothing)
+                raise kmock.KubernetesError(status=refusal[0], reason="Invalid", message=refusal[1])
             return await super()._handle(request)
 
         async def _render_error(self, exc: Exception) -> Any:
@@ -82,7 +92,9 @@ def _versioned_emulator() -> Any:
                 exc = kmock.KubernetesError(status=422, reason="Invalid", message=str(exc))
             return await super()._render_error(exc)
 
-    return VersionedEmulator()
+    emulator = VersionedEmulator()
+    emulator.refusals = {}
+    return emulator
 
 
 class KubeEmulator:
@@ -139,6 +151,10 @@ class KubeEmulator:
             "contexts: [{name: kmock, context: {cluster: kmock, user: test, namespace: default}}]\n"
             "current-context: kmock\n")
         return path
+
+    def refuse_creates(self, resource: str, status: int, message: str) -> None:
+        """Answer every create of ``resource`` (e.g. ``ray.io/v1/rayclusters``) with HTTP ``status``."""
+        self.handler.refusals[resource] = (status, message)
 
     def requests(self, method: str | None = None, path_prefix: str = "") -> list[Any]:
         """Requests received so far, optionally filtered by HTTP method and path prefix."""

@@ -10,6 +10,7 @@ evaluates the two rules with a Python transcription and checks that the CRD hold
 from __future__ import annotations
 
 import copy
+import json
 import re
 import shutil
 import subprocess
@@ -21,7 +22,11 @@ import yaml
 jsonschema = pytest.importorskip("jsonschema")
 kubernetes_validate = pytest.importorskip("kubernetes_validate")
 
-from controller import k8s_operator as op  # noqa: E402
+from controller.actuators.base import WORKER_RESOURCE  # noqa: E402
+from controller.k8s import builders  # noqa: E402
+from controller.k8s.client import KINDS  # noqa: E402
+from controller.k8s.contract import ELASTICJOB, TrainerReport  # noqa: E402
+from controller.k8s.spec import WORKER_GROUP, ElasticJob, SpecError  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 K8S = ROOT / "k8s"
@@ -105,25 +110,36 @@ def rules_of(built: list[dict], role: str) -> dict[tuple[str, str], set[str]]:
 
 def test_roles_grant_only_what_the_code_uses(built):
     assert rules_of(built, "elastic-operator") == {
-        ("elastic.dev", "elasticjobs"): {"get", "list", "watch", "patch"},
-        ("elastic.dev", "elasticjobs/status"): {"get", "patch"},
+        ("elastic.dev", "elasticjobs"): {"list", "watch", "patch"},
+        ("elastic.dev", "elasticjobs/status"): {"patch"},
+        # kopf.adopt sets blockOwnerDeletion: OwnerReferencesPermissionEnforcement wants this.
+        ("elastic.dev", "elasticjobs/finalizers"): {"update"},
         ("ray.io", "rayclusters"): {"get", "create", "patch", "delete"},
+        ("ray.io", "rayjobs"): {"get", "create", "delete"},
         ("", "pods"): {"list"},
-        ("batch", "jobs"): {"get", "create", "delete"},
-        ("", "configmaps"): {"get", "create", "delete"},
+        ("", "configmaps"): {"create", "delete"},
+        ("", "persistentvolumeclaims"): {"create", "delete"},
+        ("networking.k8s.io", "networkpolicies"): {"create", "delete"},
         ("", "events"): {"create"},
     }
-    assert rules_of(built, "elastic-driver") == {
-        ("elastic.dev", "elasticjobs"): {"get"},
-        ("elastic.dev", "elasticjobs/status"): {"get", "patch"},
-    }
+    assert rules_of(built, "elastic-driver") == {("elastic.dev", "elasticjobs/status"): {"get", "patch"}}
+    # Everything the operator creates is covered by a create verb, and nothing else is.
+    created = {(obj["apiVersion"].rpartition("/")[0], KINDS[obj["kind"]].plural)
+               for obj in builders.build_children(sample_job(), "elastic-driver", "ray-system")
+               + [builders.build_rayjob(sample_job(), 0)]}
+    creatable = {key for key, verbs in rules_of(built, "elastic-operator").items() if "create" in verbs}
+    assert creatable - {("", "events")} == created
     for binding in by_kind(built, "RoleBinding"):
         assert binding["roleRef"]["name"] == binding["subjects"][0]["name"]
 
 
+def sample_job() -> ElasticJob:
+    return ElasticJob.from_resource("digits", "elastic", load("sample-elasticjob.yaml")["spec"])
+
+
 def test_monitors_select_what_the_pods_expose(built):
-    spec = op.ElasticJobSpec.from_spec(load("sample-elasticjob.yaml")["spec"])
-    driver = op.build_driver_job("digits", "elastic", spec, "elastic-driver")["spec"]["template"]
+    # The driver runs in the Ray head pod (the Ray Jobs API runs entrypoints there).
+    driver = builders.build_raycluster(sample_job(), "elastic-driver")["spec"]["headGroupSpec"]["template"]
     pod_monitor = by_kind(built, "PodMonitor")[0]["spec"]
     assert pod_monitor["selector"]["matchLabels"].items() <= driver["metadata"]["labels"].items()
     ports = {p["name"] for p in driver["spec"]["containers"][0]["ports"]}
@@ -148,32 +164,49 @@ CRD = load("crd-elasticjob.yaml")
 VERSION = CRD["spec"]["versions"][0]
 SCHEMA = VERSION["schema"]["openAPIV3Schema"]
 
-# The CRD's CEL rules on spec.workers, transcribed (jsonschema cannot evaluate CEL).
+# The CRD's CEL rules, transcribed (jsonschema cannot evaluate CEL): where they sit, and what they say.
 CEL_RULES = {
-    "self.min <= self.max": lambda w: w["min"] <= w["max"],
-    "!has(self.initial) || (self.initial >= self.min && self.initial <= self.max)":
-        lambda w: "initial" not in w or w["min"] <= w["initial"] <= w["max"],
+    ("workers", "self.min <= self.max"): lambda w, old: w["min"] <= w["max"],
+    ("workers", "!has(self.initial) || (self.initial >= self.min && self.initial <= self.max)"):
+        lambda w, old: "initial" not in w or w["min"] <= w["initial"] <= w["max"],
+    ("<root>", "size(self.metadata.name) <= 37 && self.metadata.name.matches('^[a-z]([-a-z0-9]*[a-z0-9])?$')"):
+        lambda obj, old: len(obj["metadata"]["name"]) <= 37 and re.match(r"^[a-z]([-a-z0-9]*[a-z0-9])?$",
+                                                                        obj["metadata"]["name"]),
+    ("spec", "self == oldSelf"): lambda spec, old: old is None or spec == old,  # a transition rule: updates only
 }
 
 
-def schema_errors(obj: dict) -> list[str]:
+def schema_errors(obj: dict, old: dict | None = None) -> list[str]:
     errors = [e.message for e in jsonschema.Draft7Validator(SCHEMA).iter_errors(obj)]
-    workers = obj.get("spec", {}).get("workers")
-    if not errors and isinstance(workers, dict):
-        errors += [f"CEL: {rule}" for rule, holds in CEL_RULES.items() if not holds(workers)]
-    return errors
+    if errors:
+        return errors
+    spec = obj.get("spec", {})
+    where = {"<root>": (obj, old), "spec": (spec, (old or {}).get("spec")), "workers": (spec.get("workers"), None)}
+    return [f"CEL: {rule}" for (at, rule), holds in CEL_RULES.items()
+            if isinstance(where[at][0], dict) and not holds(*where[at])]
 
 
 def test_crd_holds_exactly_the_transcribed_cel_rules():
-    rules = SCHEMA["properties"]["spec"]["properties"]["workers"]["x-kubernetes-validations"]
-    assert {r["rule"] for r in rules} == set(CEL_RULES)
+    spec = SCHEMA["properties"]["spec"]
+    found = {("<root>", r["rule"]) for r in SCHEMA["x-kubernetes-validations"]}
+    found |= {("spec", r["rule"]) for r in spec["x-kubernetes-validations"]}
+    found |= {("workers", r["rule"]) for r in spec["properties"]["workers"]["x-kubernetes-validations"]}
+    assert found == set(CEL_RULES)
+
+
+def test_spec_is_immutable_after_creation():
+    sample = load("sample-elasticjob.yaml")
+    raised = copy.deepcopy(sample)
+    raised["spec"]["workers"]["max"] = 8
+    assert schema_errors(raised, old=sample) == ["CEL: self == oldSelf"]
+    assert schema_errors(sample, old=sample) == [] and schema_errors(raised) == []  # a create is not an update
 
 
 def test_crd_basics():
     assert CRD["metadata"]["name"] == "elasticjobs.elastic.dev"
     assert (CRD["spec"]["group"], VERSION["name"], CRD["spec"]["names"]["kind"]) == (
         "elastic.dev", "v1alpha1", "ElasticJob")
-    assert (CRD["spec"]["group"], VERSION["name"], CRD["spec"]["names"]["plural"]) == op.ELASTICJOB
+    assert (CRD["spec"]["group"], VERSION["name"], CRD["spec"]["names"]["plural"]) == ELASTICJOB
     assert VERSION["subresources"] == {"status": {}}
     columns = {c["name"]: c["jsonPath"] for c in VERSION["additionalPrinterColumns"]}
     assert columns.items() >= {"Phase": ".status.phase", "Workers": ".status.workers",
@@ -184,7 +217,7 @@ def test_crd_basics():
 def test_sample_elasticjob_is_valid_for_schema_and_operator():
     sample = load("sample-elasticjob.yaml")
     assert schema_errors(sample) == []
-    op.ElasticJobSpec.from_spec(sample["spec"])
+    ElasticJob.from_resource(sample["metadata"]["name"], "elastic", sample["spec"])
 
 
 def _bad(path: str, value: object) -> dict:
@@ -210,6 +243,15 @@ BAD = {
     "initial above max": (_bad("spec.workers.initial", 9), "CEL: !has(self.initial)", "spec.workers.initial"),
     "job not an object": (_bad("spec.job", [1]), "is not of type 'object'", "spec.job"),
     "missing workers": (_bad("spec.workers", KeyError), "'workers' is a required property", "spec.workers"),
+    # KubeRay's RayCluster CRD would refuse "lots" (its quantity pattern): the ElasticJob CRD does first.
+    "cpu limit not a quantity": (_bad("spec.workerResources.limits.cpu", "lots"), "does not match",
+                                 "spec.workerResources.limits.cpu"),
+    "memory request not a quantity": (_bad("spec.workerResources.requests.memory", "2 GB"), "does not match",
+                                      "spec.workerResources.requests.memory"),
+    "name too long for KubeRay": (_bad("metadata.name", "a" * 38), "CEL: size(self.metadata.name) <= 37",
+                                  "metadata.name"),
+    "storage size not a quantity": (_bad("spec.storage.size", "big"), "does not match", "spec.storage.size"),
+    "negative driverRetries": (_bad("spec.driverRetries", -1), "less than the minimum of 0", "spec.driverRetries"),
 }
 
 
@@ -218,14 +260,17 @@ def test_bad_elasticjobs_are_rejected_by_schema_and_operator(name):
     obj, schema_message, field = BAD[name]
     errors = schema_errors(obj)
     assert any(schema_message in e for e in errors), errors
-    with pytest.raises(op.SpecError, match=re.escape(field)):
-        op.ElasticJobSpec.from_spec(obj["spec"])
+    with pytest.raises(SpecError, match=re.escape(field)):
+        ElasticJob.from_resource(obj["metadata"]["name"], "elastic", obj["spec"])
 
 
 def test_trainer_report_fits_the_status_schema():
     status = {"phase": "Running", "workers": 2, "targetWorkers": 2,
               "lastResize": {"time": "2026-01-01T00:00:00+00:00", "fromWorkers": 4, "toWorkers": 2, "reason": "x"},
-              "trainer": op.TrainerReport(workers=2, target_workers=2, progress=10.5, gain=1.7, grad_variance=0.3,
+              "conditions": [{"type": "Failed", "status": "True", "reason": "ChildRejected", "message": "m",
+                              "lastTransitionTime": "2026-01-01T00:00:00+00:00"}],
+              "observedGeneration": 2, "driverAttempt": 1,
+              "trainer": TrainerReport(workers=2, target_workers=2, progress=10.5, gain=1.7, grad_variance=0.3,
                                           grad_sqnorm=0.1, step_time_s={1: 0.2, 2: 0.21},
                                           released_pods=("w3",)).to_status()}
     obj = {**load("sample-elasticjob.yaml"), "status": status}
@@ -237,30 +282,76 @@ def test_trainer_report_fits_the_status_schema():
 # ------------------------------------------------------------------ what the operator creates
 
 
+def pod_templates(obj: dict) -> list[dict]:
+    """The core PodTemplateSpecs inside a RayCluster or RayJob (no KubeRay schema ships with any package)."""
+    if obj["kind"] == "RayJob":
+        return [obj["spec"]["submitterPodTemplate"]]
+    return [group["template"] for group in (obj["spec"]["headGroupSpec"], *obj["spec"]["workerGroupSpecs"])]
+
+
 def test_objects_the_operator_creates_pass_the_kubernetes_schema():
-    spec = op.ElasticJobSpec.from_spec(load("sample-elasticjob.yaml")["spec"])
-    validate_builtin(op.build_configmap("digits", "elastic", spec))
-    validate_builtin(op.build_driver_job("digits", "elastic", spec, "elastic-driver"))
-    rayclusters = [op.build_raycluster("digits", "elastic", spec), load("sample-raycluster.yaml")]
-    for raycluster in rayclusters:
-        # No RayCluster schema ships with any package; its pod templates are core PodTemplateSpecs.
-        groups = [raycluster["spec"]["headGroupSpec"], *raycluster["spec"]["workerGroupSpecs"]]
-        for group in groups:
-            validate_builtin({"apiVersion": "v1", "kind": "PodTemplate", "metadata": {"name": "t"},
-                              "template": group["template"]})
-            assert all(isinstance(v, str) for v in group["rayStartParams"].values())
+    job = sample_job()
+    children = builders.build_children(job, "elastic-driver", "ray-system")
+    builtin = [c for c in children if not c["apiVersion"].startswith(CUSTOM_GROUPS)]
+    assert sorted(c["kind"] for c in builtin) == ["ConfigMap", "NetworkPolicy", "PersistentVolumeClaim"]
+    for obj in builtin:
+        validate_builtin(obj)
+    for obj in (builders.build_raycluster(job, "elastic-driver"), builders.build_rayjob(job, 0),
+                load("sample-raycluster.yaml")):
+        for template in pod_templates(obj):
+            validate_builtin({"apiVersion": "v1", "kind": "PodTemplate", "metadata": {"name": "t"}, "template": template})
+        if obj["kind"] == "RayCluster":
+            for group in (obj["spec"]["headGroupSpec"], *obj["spec"]["workerGroupSpecs"]):
+                assert all(isinstance(v, str) for v in group["rayStartParams"].values())
+
+
+# The KubeRay field names the operator relies on (ENVIRONMENT.md; ray-operator/apis/ray/v1 *_types.go).
+RAYJOB_SPEC_FIELDS = {"entrypoint", "clusterSelector", "submissionMode", "shutdownAfterJobFinishes", "submitterConfig",
+                      "submitterPodTemplate", "backoffLimit", "rayClusterSpec", "runtimeEnvYAML", "activeDeadlineSeconds",
+                      "ttlSecondsAfterFinished", "jobId", "metadata", "suspend", "entrypointNumCpus",
+                      "entrypointNumGpus", "entrypointResources", "managedBy", "deletionStrategy"}
+WORKER_GROUP_FIELDS = {"groupName", "replicas", "minReplicas", "maxReplicas", "rayStartParams", "template",
+                       "scaleStrategy", "numOfHosts", "suspend", "idleTimeoutSeconds"}
+
+
+def test_built_ray_objects_use_only_kuberay_field_names():
+    job = sample_job()
+    rayjob = builders.build_rayjob(job, 0)
+    assert set(rayjob["spec"]) <= RAYJOB_SPEC_FIELDS
+    assert rayjob["spec"]["submissionMode"] in ("K8sJobMode", "HTTPMode")
+    raycluster = builders.build_raycluster(job, "elastic-driver")
+    assert set(raycluster["spec"]) <= {"rayVersion", "enableInTreeAutoscaling", "headGroupSpec", "workerGroupSpecs"}
+    for group in raycluster["spec"]["workerGroupSpecs"]:
+        assert set(group) <= WORKER_GROUP_FIELDS
 
 
 def test_sample_raycluster_matches_the_worker_group_contract():
     raycluster = load("sample-raycluster.yaml")
     (group,) = raycluster["spec"]["workerGroupSpecs"]
-    assert group["groupName"] == op.WORKER_GROUP
+    assert group["groupName"] == WORKER_GROUP
     assert group["minReplicas"] <= group["replicas"] <= group["maxReplicas"]
     assert raycluster["spec"]["enableInTreeAutoscaling"] is False  # only one controller resizes the group
+    # Ranks ask for one elastic_worker each (elastic.backends): without it nothing would schedule.
+    assert json.loads(group["rayStartParams"]["resources"].strip("'")) == {WORKER_RESOURCE: 1}
+    for template in pod_templates(raycluster):
+        assert template["spec"]["securityContext"]["seccompProfile"] == {"type": "RuntimeDefault"}
+        assert template["spec"]["securityContext"]["runAsNonRoot"] is True
+
+
+def test_every_object_has_the_same_part_of_label(built):
+    prometheus_rule = yaml.safe_load((ROOT / "dashboards" / "prometheusrule.yaml").read_text())
+    job = sample_job()
+    made = builders.build_children(job, "elastic-driver", "ray-system") + [builders.build_rayjob(job, 0)]
+    labels = {d["metadata"]["labels"]["app.kubernetes.io/part-of"] for d in [*built, *made, prometheus_rule]
+              if d["kind"] != "CustomResourceDefinition"}
+    assert labels == {builders.PART_OF}
 
 
 def test_dockerfile_runs_as_non_root_with_elastic_entrypoint():
     text = (ROOT / "Dockerfile").read_text()
+    for path in re.findall(r"(?:see |COPY )([\w./-]+\.md)", text):  # every file it names exists
+        assert (ROOT / path).exists(), path
+    assert re.findall(r"see ([\w./-]+\.md)", text) == ["docs/kubernetes.md"]
     assert re.search(r"^FROM python:3\.11-slim$", text, re.M)
     user = re.findall(r"^USER (\S+)$", text, re.M)
     assert user and not user[-1].startswith(("0", "root"))

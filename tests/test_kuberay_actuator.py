@@ -83,10 +83,25 @@ def test_shrink_never_lowers_replicas_below_the_pods_still_training():
 def test_idempotent_when_done():
     done = state(replicas=2, workers_to_delete=("w2", "w3"), has_scale_strategy=True)
     assert scale_patch(done, 2, release=["w2", "w3"], live_pods=PODS) == []
-    # KubeRay removed the pods and cleared the list: the released names are gone, nothing to send.
+    # The list is ours to empty: with its autoscaler off KubeRay never clears it. Pods gone, list emptied.
     cleared = state(replicas=2, workers_to_delete=(), has_scale_strategy=True)
     assert scale_patch(cleared, 2, release=["w2", "w3"], live_pods=["w0", "w1"]) == []
     assert scale_patch(state(), 4, live_pods=PODS) == []
+
+
+def test_the_delete_list_is_pruned_once_kuberay_deleted_the_pods():
+    # KubeRay deleted w2 and w3 but (autoscaler off) left them listed: prune to what is still live.
+    stale = state(replicas=2, workers_to_delete=("w2", "w3"), has_scale_strategy=True)
+    assert scale_patch(stale, 2, release=["w2", "w3"], live_pods=["w0", "w1"]) == [
+        GUARDS[0], {**GUARDS[1], "value": 2},
+        {"op": "add", "path": "/spec/workerGroupSpecs/1/scaleStrategy/workersToDelete", "value": []}]
+
+
+def test_grow_empties_a_leftover_delete_list():
+    leftover = state(workers_to_delete=("w3",), has_scale_strategy=True)
+    assert scale_patch(leftover, 5, live_pods=PODS)[-2:] == [
+        {"op": "replace", "path": "/spec/workerGroupSpecs/1/replicas", "value": 5},
+        {"op": "add", "path": "/spec/workerGroupSpecs/1/scaleStrategy/workersToDelete", "value": []}]
 
 
 @pytest.mark.parametrize("target, match", [(7, "above maxReplicas=6"), (0, "below minReplicas=1"),
@@ -140,6 +155,14 @@ def test_scale_down_sends_one_json_patch_on_the_right_group(cluster):
 
     actuator.scale_to(2, release=["w2", "w3"])  # repeated (e.g. by a restarted controller)
     assert len(kube.requests("PATCH")) == 1
+
+    # KubeRay deletes the two pods; it leaves workersToDelete as it is (its autoscaler is off).
+    for pod in ("w2", "w3"):
+        del kube.handler.objects["v1/pods", "ml", pod]
+    actuator.scale_to(2, release=["w2", "w3"])
+    assert kube.object(RC, "ml", "rc")["spec"]["workerGroupSpecs"][1]["scaleStrategy"] == {"workersToDelete": []}
+    actuator.scale_to(2, release=["w2", "w3"])
+    assert len(kube.requests("PATCH")) == 2
 
 
 def test_scale_up_then_no_op(cluster):

@@ -8,7 +8,13 @@ from __future__ import annotations
 
 from typing import Protocol, Sequence, runtime_checkable
 
-__all__ = ["Actuator", "ActuationError", "ActuatorConfigError"]
+__all__ = ["Actuator", "ActuationError", "ActuatorConfigError", "WORKER_RESOURCE"]
+
+WORKER_RESOURCE = "elastic_worker"
+"""Custom Ray resource of which every worker node (a local Ray node, a KubeRay worker pod) offers
+exactly one and every worker actor asks for one: rank <-> node is one-to-one, so releasing a node
+(a pod, by its hostname) never takes a live rank with it. CPUs alone cannot promise that: KubeRay
+sets a pod's Ray ``num-cpus`` from its CPU limit, so a 2-CPU pod would take two 1-CPU ranks."""
 
 
 class ActuationError(RuntimeError):

@@ -13,8 +13,10 @@ Scale-down is graceful (DESIGN.md, Controller): the trainer first releases worke
 boundary and reports the pods it vacated; ``scale_to(n, release=pods)`` then lowers ``replicas`` and
 lists exactly those pods in ``scaleStrategy.workersToDelete`` so that KubeRay removes the idle pods,
 not random busy ones. Released names are checked against the group's live pods (labels
-``ray.io/cluster``, ``ray.io/group``), so a name whose pod is already gone is ignored and repeating a
-call after KubeRay finished (and cleared the list) sends nothing.
+``ray.io/cluster``, ``ray.io/group``), so a name whose pod is already gone is ignored. KubeRay clears
+``workersToDelete`` only when its autoscaler is on, and ours is off, so every patch here owns the list:
+it is set to exactly the live pods to delete, pruned of pods that are gone, and emptied on a grow;
+repeating a call once KubeRay deleted the pods sends one pruning patch, then nothing.
 
 Usage::
 
@@ -97,12 +99,12 @@ def scale_patch(state: WorkerGroupState, target_workers: int, release: Sequence[
     ``live_pods`` are the group's pods that exist and are not terminating; released names that are
     not among them are ignored (KubeRay already removed them, or they never were ours).
 
-    - grow: ``replicas = target`` (``release`` is irrelevant: nothing leaves when growing);
+    - grow: ``replicas = target`` and ``workersToDelete`` emptied (nothing leaves when growing);
     - shrink: ``workersToDelete`` = exactly the live released pods (a stale list from an earlier
       resize is replaced, never appended to) and ``replicas`` lowered only as far as those pods allow:
       KubeRay deletes the listed pods first and then *any* pods while more remain than ``replicas``,
       so ``replicas >= live pods - released pods`` keeps every pod that may still train;
-    - no patch when the group already has that many replicas and every live released pod is listed.
+    - no patch when the group already has that many replicas and the list is exactly the live released pods.
     Raises ActuationError when the target is outside ``[minReplicas, maxReplicas]``.
     """
     if isinstance(target_workers, bool) or not isinstance(target_workers, int) or target_workers < 0:
@@ -119,7 +121,7 @@ def scale_patch(state: WorkerGroupState, target_workers: int, release: Sequence[
         live = set(live_pods)
         delete = [pod for pod in dict.fromkeys(release) if pod in live]
         replicas = min(state.replicas, max(target_workers, len(live) - len(delete)))
-        if replicas == state.replicas and set(delete) <= set(state.workers_to_delete):
+        if replicas == state.replicas and set(delete) == set(state.workers_to_delete):
             return []
 
     base = f"/spec/workerGroupSpecs/{state.index}"
@@ -128,7 +130,7 @@ def scale_patch(state: WorkerGroupState, target_workers: int, release: Sequence[
         ops.append({"op": "test", "path": f"{base}/replicas", "value": state.replicas})
     if replicas != state.replicas or not state.has_replicas:
         ops.append({"op": "replace" if state.has_replicas else "add", "path": f"{base}/replicas", "value": replicas})
-    if delete:
+    if set(delete) != set(state.workers_to_delete):
         if not state.has_scale_strategy:
             ops.append({"op": "add", "path": f"{base}/scaleStrategy", "value": {"workersToDelete": delete}})
         else:
@@ -202,7 +204,7 @@ class KubeRayActuator:
         Idempotent: no request is sent when there is nothing to change. See :func:`scale_patch`.
         """
         state = self.group_state()
-        live = self.live_pods() if target_workers <= state.replicas else []
+        live = self.live_pods() if target_workers <= state.replicas else []  # a grow empties the list
         ops = scale_patch(state, target_workers, release, live)
         if not ops:
             return

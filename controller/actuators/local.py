@@ -1,6 +1,6 @@
 """The embedded backend: a real multi-node Ray cluster on this machine (``ray.cluster_utils``).
 
-Each worker slot is one Ray node with one ``elastic_worker_slot`` resource, so adding capacity
+Each worker slot is one Ray node with one ``elastic_worker`` resource (base.WORKER_RESOURCE, as on KubeRay worker pods), so adding capacity
 starts a raylet and removing it kills one, exactly as a cloud node coming and going would.
 
 ``ray.cluster_utils`` installs signal handlers when it starts a node, which Python allows only on
@@ -18,11 +18,11 @@ import threading
 import time
 from typing import Any, Callable, Sequence
 
-from controller.actuators.base import ActuationError
+from controller.actuators.base import WORKER_RESOURCE, ActuationError
 
 logger = logging.getLogger(__name__)
 
-SLOT_RESOURCE = "elastic_worker_slot"
+SLOT_RESOURCE = WORKER_RESOURCE  # the same mechanism as KubeRay worker pods (base.WORKER_RESOURCE)
 
 
 def local_ray_environment(loopback: bool = True) -> None:
