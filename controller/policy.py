@@ -68,6 +68,7 @@ __all__ = [
     "FixedPolicy",
     "POLICY_NAMES",
     "make_policy",
+    "policy_for",
 ]
 
 
@@ -285,3 +286,16 @@ def make_policy(name: str, **params: Any) -> Policy:
     if missing:
         raise PolicyConfigError(f"{name} policy: missing parameter {missing[0]!r}")
     return cls(**params)
+
+
+def policy_for(scaling: Any) -> Policy:
+    """The one policy factory for a validated ``elastic.config.ScalingConfig`` (trainer and operator).
+
+    A schedule announces its steps ahead by their warm-up plus two controller periods."""
+    if scaling.policy == "schedule":
+        steps = [{"at_progress": s.at_progress, "at_time_s": s.at_time_s, "workers": s.workers} for s in scaling.steps]
+        return make_policy("schedule", steps=steps, lead_s=2 * scaling.interval_s)
+    if scaling.policy == "goodput":
+        return make_policy("goodput", min_efficiency=scaling.min_efficiency, hysteresis=scaling.hysteresis,
+                           cooldown_s=scaling.cooldown_s)
+    return make_policy(scaling.policy)

@@ -666,17 +666,9 @@ class ElasticTrainer:
         return loop.start(stop, self.spec.scaling.interval_s)
 
     def _policy(self):
-        from controller.policy import make_policy
+        from controller.policy import policy_for
 
-        s = self.spec.scaling
-        if s.policy == "fixed":
-            return make_policy("fixed")
-        if s.policy == "schedule":
-            # Announce a step ahead by its expected warm-up plus two controller periods.
-            return make_policy("schedule", steps=[step.model_dump() for step in s.steps], lead_s=2 * s.interval_s)
-        if s.policy == "goodput":
-            return make_policy("goodput", min_efficiency=s.min_efficiency, hysteresis=s.hysteresis, cooldown_s=s.cooldown_s)
-        return make_policy("available")
+        return policy_for(self.spec.scaling)
 
     def _shutdown(self) -> None:
         if self.group is not None:

@@ -124,6 +124,10 @@ def test_trainer_control_changes_status_only_for_a_new_target():
         "time": "2026-01-01T00:00:00+00:00", "fromWorkers": 4, "toWorkers": 2,
         "reason": "tau 150.0 >= 100: schedule step 1 wants 2 workers"}}
     assert control.released_workers() == () and control.current_workers() == 4
+    # A schedule step announced ahead (its pods are being added): the target waits for the trigger.
+    ahead = StatusTrainerControl(report(), target_workers=1, now_iso="2026-01-01T00:00:00+00:00")
+    ahead.set_target_workers(4, "schedule step 1 wants 4 workers at tau 250: preparing now", at_progress=250.0)
+    assert ahead.changes == {} and ahead.target_workers == 1
 
 
 def test_snapshot_comes_from_resources_only():

@@ -26,25 +26,13 @@ from prometheus_client import CollectorRegistry
 from prometheus_client.metrics_core import Metric
 
 from controller.loop import ReconcileLoop, decision_action
-from controller.policy import JobSnapshot, Policy, make_policy
+from controller.policy import JobSnapshot, policy_for
 from controller.k8s.contract import TrainerReport, epoch_s
 from controller.k8s.spec import ElasticJob
 from elastic.metrics import ControllerMetrics
 
 __all__ = ["StatusTrainerControl", "job_snapshot", "cluster_ready", "driver_outcome", "policy_for", "OperatorMetrics",
            "PassResult", "run_pass"]
-
-
-def policy_for(scaling: Any) -> Policy:
-    """The controller.policy Policy for a validated ``elastic.config.ScalingConfig``."""
-    if scaling.policy == "schedule":
-        steps = [{"at_progress": s.at_progress, "at_time_s": s.at_time_s, "workers": s.workers}
-                 for s in scaling.steps]
-        return make_policy("schedule", steps=steps)
-    if scaling.policy == "goodput":
-        return make_policy("goodput", min_efficiency=scaling.min_efficiency,
-                           hysteresis=scaling.hysteresis, cooldown_s=scaling.cooldown_s)
-    return make_policy(scaling.policy)
 
 
 def cluster_ready(raycluster: Mapping[str, Any]) -> bool:
@@ -82,7 +70,12 @@ class StatusTrainerControl:
     changes: dict[str, Any] = field(default_factory=dict)
     """Status fields to write after the pass (targetWorkers, lastResize) -- empty when nothing changed."""
 
-    def set_target_workers(self, n: int, reason: str) -> None:
+    def set_target_workers(self, n: int, reason: str, at_progress: float | None = None,
+                           at_time_s: float | None = None) -> None:
+        if at_progress is not None or at_time_s is not None:
+            # A schedule step announced ahead: the loop has already added its capacity (pods start
+            # now); the target itself changes on the first pass after the trigger has fired.
+            return
         if n == self.target_workers:
             return  # idempotent: a restarted operator repeating the same decision changes nothing
         self.changes["targetWorkers"] = n
