@@ -695,7 +695,7 @@ def _start_exporter_or_free_port(registry: Any, settings) -> Any:
     try:
         return start_exporter(registry, settings.addr, settings.port)
     except MetricsError as exc:
-        if "port" in settings.model_fields_set or settings.port == 0:
+        if "port" in settings.model_fields_set or settings.port == 0 or "already in use" not in str(exc):
             raise
         logger.warning("metrics port %d is taken (%s); serving on a free port", settings.port, exc)
         return start_exporter(registry, settings.addr, 0)
