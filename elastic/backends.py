@@ -111,9 +111,10 @@ def worker_runtime_env(spec: JobSpec, code_root: Path | None) -> dict[str, Any]:
     """Ray's ``runtime_env`` for the job: ``runtime_env`` from the spec, plus the task's code root when
     the spec ships no code itself (no ``working_dir``, no ``py_modules``).
 
-    On the ``local`` backend the workers share this machine's file system, so the code root goes on
-    their ``PYTHONPATH``; on ``ray`` and ``kuberay`` it is uploaded as the ``working_dir`` (nodes may
-    be other machines), leaving out :data:`DEFAULT_EXCLUDES` and the spec's ``excludes``.
+    On ``local`` the workers share this machine's file system, and on ``kuberay`` every pod runs the
+    job's image, so the code root goes on their ``PYTHONPATH``; on ``ray`` it is uploaded as the
+    ``working_dir`` (nodes may be other machines with other files), leaving out
+    :data:`DEFAULT_EXCLUDES` and the spec's ``excludes``.
     """
     r = spec.runtime_env
     env: dict[str, Any] = {}
@@ -126,7 +127,7 @@ def worker_runtime_env(spec: JobSpec, code_root: Path | None) -> dict[str, Any]:
     env_vars = dict(r.env_vars)
     ships_code = bool(r.working_dir or r.py_modules)
     if code_root is not None and not ships_code:
-        if spec.cluster.backend == "local":
+        if spec.cluster.backend in ("local", "kuberay"):  # one machine / one image: the same paths
             paths = [str(code_root), *filter(None, env_vars.get("PYTHONPATH", os.environ.get("PYTHONPATH", "")).split(os.pathsep))]
             env_vars["PYTHONPATH"] = os.pathsep.join(dict.fromkeys(paths))
         else:

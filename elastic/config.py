@@ -380,8 +380,8 @@ class FailureConfig(_Section):
 class RuntimeEnvConfig(_Section):
     """Ray's ``runtime_env`` for the job's workers: how the task's code and packages reach them.
 
-    Left empty, the directory the task module is imported from reaches the workers: on the local
-    backend through ``PYTHONPATH`` (same machine), on ``ray``/``kuberay`` as an uploaded
+    Left empty, the directory the task module is imported from reaches the workers: on ``local`` and
+    ``kuberay`` through ``PYTHONPATH`` (one machine, one image), on ``ray`` as an uploaded
     ``working_dir`` (nodes may be other machines); an installed task package is not shipped."""
 
     working_dir: Optional[str] = None

@@ -68,10 +68,12 @@ def test_code_root_is_where_the_task_is_imported_from(tmp_path, monkeypatch):
     assert task_code_root("no_such_module_here:X") is None
 
 
-def test_local_backend_puts_the_code_root_on_the_workers_path(tmp_path, monkeypatch):
+def test_local_and_kuberay_put_the_code_root_on_the_workers_path(tmp_path, monkeypatch):
     monkeypatch.setenv("PYTHONPATH", "/opt/lib")
     env = worker_runtime_env(spec(), tmp_path)
     assert env == {"env_vars": {"PYTHONPATH": f"{tmp_path}{os.pathsep}/opt/lib"}}
+    kuberay = spec(cluster={"backend": "kuberay", "namespace": "ml", "raycluster": "rc", "group": "workers"})
+    assert worker_runtime_env(kuberay, tmp_path) == env  # every pod runs the job's image
 
 
 def test_remote_backends_upload_the_code_root_without_environments(tmp_path):
