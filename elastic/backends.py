@@ -187,16 +187,20 @@ class RayBackend:
         self.runtime_env = worker_runtime_env(spec, task_code_root(spec.task))
 
     def start(self, initial_workers: int) -> None:
+        import signal
+
         import ray
 
-        from controller.actuators.local import local_ray_environment
+        from controller.actuators.local import kept_signal_handlers, local_ray_environment
 
         local_ray_environment(loopback=False)
         address = self.spec.cluster.address or "auto"
         check_address(address)
         check_reachable(address)  # ray.init may retry an unreachable address for a long time
         try:
-            ray.init(address=address, logging_level="WARNING", runtime_env=self.runtime_env or None)
+            # ray.init installs a SIGTERM handler that exits at once; the trainer's stops at a step boundary.
+            with kept_signal_handlers(signal.SIGTERM, signal.SIGINT):
+                ray.init(address=address, logging_level="WARNING", runtime_env=self.runtime_env or None)
         except Exception as exc:  # noqa: BLE001 - ray raises several types for an unreachable cluster
             raise BackendError(f"cluster.address: cannot connect to Ray at {address!r}: "
                                f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}") from None

@@ -138,17 +138,24 @@ def previous_run(run_dir: Path, checkpoint_dir: Path) -> PreviousRun | None:
     """The earlier run whose state is in ``run_dir`` / ``checkpoint_dir``, or None when both are clean."""
     record = RunRecord.read(run_dir)
     steps = tuple(_checkpoint_steps(checkpoint_dir))
-    artifacts = tuple(name for name in RUN_ARTIFACTS if _non_empty(Path(run_dir) / name))
+    artifacts = tuple(name for name in RUN_ARTIFACTS if _has_steps(Path(run_dir) / name))
     if record is None and not steps and not artifacts:
         return None
     return PreviousRun(record, steps, artifacts)
 
 
-def _non_empty(path: Path) -> bool:
+def _has_steps(path: Path) -> bool:
+    """The log holds a step (a run that failed before its first step wrote at most a ``run`` event)."""
     try:
-        return path.stat().st_size > 0
+        with path.open("rb") as f:
+            tail = b""
+            while chunk := f.read(1 << 16):
+                if b'"kind":"step"' in tail + chunk:
+                    return True
+                tail = chunk[-32:]
     except OSError:
         return False
+    return False
 
 
 class RunLock:

@@ -439,7 +439,7 @@ class ElasticTrainer:
         """The first workers, waited for in short slices so that a stop request is heard at once."""
         deadline = time.monotonic() + STARTUP_TIMEOUT_S
         ready = self.group.poll_ready()
-        while len(ready) < count and time.monotonic() < deadline and not self._stop.is_set():
+        while len(ready) < count and time.monotonic() < deadline and not self._stop.is_set() and self.group.pending:
             ready = self.group.wait_ready(count, min(1.0, max(0.0, deadline - time.monotonic())))
         return ready
 

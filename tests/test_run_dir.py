@@ -93,7 +93,8 @@ def test_a_fresh_start_over_a_metrics_log_is_refused(tmp_path):
 
 def test_a_run_that_left_nothing_does_not_block_a_fresh_start(tmp_path):
     lock, record, _ = open_(tmp_path)
-    (tmp_path / "metrics.jsonl").write_text("")  # opened, nothing written (failed before a step)
+    # failed before its first step: the log holds only its run event
+    (tmp_path / "metrics.jsonl").write_text('{"kind":"run","time_s":1.0,"run_id":"x"}\n')
     lock.release()
     lock, record2, _ = open_(tmp_path)
     lock.release()
