@@ -84,6 +84,38 @@ def check_address(address: str | None) -> None:
             "ray job submit --address http://HEAD:8265 --working-dir . -- elastic run job.yaml")
 
 
+def resolve_address(address: str | None, environ: dict[str, str] | None = None,
+                    address_file: Path | None = None) -> str:
+    """``auto`` -> the cluster that ``ray start`` on this machine recorded (``RAY_ADDRESS`` first, as
+    set for a Ray Jobs entrypoint, then Ray's ``ray_current_cluster`` file).
+
+    Ray's own ``auto`` falls back to any GCS process it finds on the machine, which may be another
+    job's embedded cluster; this one does not (the embedded clusters never leave their address in the
+    file, see controller.actuators.local.preserved_file).
+
+    Raises:
+        BackendError: ``auto`` and no cluster recorded.
+    """
+    if address and address.strip() != "auto":
+        return address.strip()
+    environ = os.environ if environ is None else environ
+    if environ.get("RAY_ADDRESS"):
+        return environ["RAY_ADDRESS"]
+    if address_file is None:
+        from controller.actuators.local import ray_address_file
+
+        address_file = ray_address_file()
+    try:
+        recorded = Path(address_file).read_text().strip()
+    except OSError:
+        recorded = ""
+    if not recorded:
+        raise BackendError(f"cluster.address: auto found no Ray cluster started with `ray start` on this machine "
+                           f"(RAY_ADDRESS is unset and {address_file} is missing); give the head's address, "
+                           "e.g. cluster.address: HEAD:6379")
+    return recorded
+
+
 def task_code_root(task: str) -> Path | None:
     """The directory the task's top-level module is imported from, or None when it is an installed
     package (site-packages, the standard library) or cannot be found: what must reach the workers."""
@@ -194,7 +226,7 @@ class RayBackend:
         from controller.actuators.local import kept_signal_handlers, local_ray_environment
 
         local_ray_environment(loopback=False)
-        address = self.spec.cluster.address or "auto"
+        address = resolve_address(self.spec.cluster.address)
         check_address(address)
         check_reachable(address)  # ray.init may retry an unreachable address for a long time
         try:

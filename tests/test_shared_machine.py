@@ -59,6 +59,19 @@ def test_the_address_file_is_put_back(tmp_path):
     assert path.read_text() == "10.0.0.5:6379"
 
 
+def test_auto_finds_only_a_recorded_cluster(tmp_path):
+    """Ray's own `auto` falls back to any GCS process on the machine -- another job's embedded cluster."""
+    from elastic.backends import BackendError, resolve_address
+
+    recorded = tmp_path / "ray_current_cluster"
+    with pytest.raises(BackendError, match="auto found no Ray cluster started with `ray start`"):
+        resolve_address("auto", environ={}, address_file=recorded)
+    recorded.write_text("10.0.0.5:6379\n")
+    assert resolve_address("auto", environ={}, address_file=recorded) == "10.0.0.5:6379"
+    assert resolve_address(None, environ={"RAY_ADDRESS": "10.0.0.9:6379"}, address_file=recorded) == "10.0.0.9:6379"
+    assert resolve_address("10.0.0.7:6379", environ={"RAY_ADDRESS": "x"}, address_file=recorded) == "10.0.0.7:6379"
+
+
 def test_samples_per_second_is_recent_not_since_start():
     """After a resume the restored sample count made the rate 147,191 samples/s."""
     spec = parse_job_spec({"name": "rate", "task": "examples.digits:DigitsTask", "batch_size_per_worker": 8,

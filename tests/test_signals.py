@@ -89,6 +89,13 @@ def test_sigterm_and_background_sigint_stop_with_a_checkpoint_and_exit_codes(tmp
                              stderr=subprocess.PIPE, text=True)
     try:
         _wait_for_steps(first, run_dir, 60)
+        # Its embedded cluster is not what `address: auto` of another job on this machine would find.
+        from controller.actuators.local import ray_address_file
+
+        (address,) = [line.split(" up at ")[1].split()[0] for line in (run_dir / "train.log").read_text().splitlines()
+                      if "local Ray cluster up at" in line]
+        recorded = ray_address_file().read_text() if ray_address_file().exists() else ""
+        assert address not in recorded
         # A second job on the same run directory meanwhile: one line naming the running one, exit 2.
         second = subprocess.run(cmd + ["--resume"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
         record = json.loads((run_dir / "run.json").read_text())
