@@ -605,6 +605,9 @@ class ElasticTrainer:
             return None
         step, state = loaded
         logger.info("resuming from checkpoint step %d (tau %.1f)", step, state["trainer"]["progress"])
+        owner = state["trainer"].get("run_id")
+        if owner and owner != self.run_id:
+            logger.warning("checkpoint step %d was written by run %s, not this run (%s)", step, owner, self.run_id)
         if self._resumed_from_step is None:  # the first load of this process: what --resume continued
             self._resumed_from_step = step
             self._elapsed_before_s = float(state["trainer"].get("elapsed_s", 0.0))
