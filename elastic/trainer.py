@@ -170,7 +170,6 @@ class ElasticTrainer:
                 package_logger.setLevel(logging.INFO)
         for note in notes:
             logger.warning("%s", note)
-        logger.info("run %s of %s (attempt %d) in %s", self.run_id, self.spec.name, record.attempts, self.run_dir)
         self.checkpoints = CheckpointManager(self.spec.checkpoint.dir, keep_last=self.spec.checkpoint.keep_last)
         result: dict[str, Any] = {}
         try:
