@@ -182,3 +182,13 @@ metrics: {{enabled: false}}
     assert "Traceback" not in out.stderr
     assert time.monotonic() - started < 60
     assert (run_dir / "checkpoints" / "ckpt-00000400.pt").exists()
+
+    # --start-over: the old run goes aside (kept), a new run completes in the directory.
+    out = subprocess.run([sys.executable, "-m", "elastic.cli", "run", str(job), "--quiet", "--start-over"], cwd=ROOT,
+                         env={**env, "COLUMNS": "400"}, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    (aside,) = [p for p in tmp_path.iterdir() if p.name.startswith("run.old-")]
+    assert (aside / "checkpoints" / "ckpt-00000400.pt").exists()
+    record = RunRecord.read(run_dir)
+    assert record.status == "finished" and f"run {record.run_id}" in out.stdout
+    assert record.checkpoint_step == record.steps and record.checkpoint_step != 400
