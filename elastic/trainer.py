@@ -36,6 +36,8 @@ MAX_AUTO_STEPS_PER_CALL = 128
 MIN_TIMED_STEPS = 3
 #: Seconds a first worker may take to start (process, imports, dataset) before the job gives up.
 STARTUP_TIMEOUT_S = 300.0
+#: ... and after this long without them, the user is told once.
+STARTUP_NOTICE_S = 30.0
 
 
 class TrainerError(RuntimeError):
@@ -436,10 +438,17 @@ class ElasticTrainer:
 
     def _wait_ready_or_stop(self, count: int) -> list:
         """The first workers, waited for in short slices so that a stop request is heard at once."""
-        deadline = time.monotonic() + STARTUP_TIMEOUT_S
+        started = time.monotonic()
+        deadline = started + STARTUP_TIMEOUT_S
+        said = False
         ready = self.group.poll_ready()
         while len(ready) < count and time.monotonic() < deadline and not self._stop.is_set() and self.group.pending:
             ready = self.group.wait_ready(count, min(1.0, max(0.0, deadline - time.monotonic())))
+            if not said and time.monotonic() - started > STARTUP_NOTICE_S:
+                said = True
+                logger.warning("%d of %d worker(s) not started after %.0f s (placed and importing the task); "
+                               "waiting up to %.0f s: is the cluster's room taken by other jobs? Ctrl-C stops",
+                               count - len(ready), count, STARTUP_NOTICE_S, STARTUP_TIMEOUT_S)
         return ready
 
     # ---------------------------------------------------------------- steps per call
