@@ -119,3 +119,36 @@ def test_start_uses_the_room_there_is_and_fails_fast_below_min(tmp_path, caplog)
     assert _trainer(tmp_path, capacity=9)._startable_workers() == 5
     with pytest.raises(BackendError, match="room for 1 worker.*fewer than workers.min=2"):
         _trainer(tmp_path, capacity=1)._startable_workers()
+
+
+class _SlowGroup:
+    """Workers that never get placed (the cluster's room is taken)."""
+
+    pending = {"w0": object(), "w1": object()}
+
+    def poll_ready(self):
+        return []
+
+    def wait_ready(self, count, timeout_s):
+        import time
+
+        time.sleep(min(timeout_s, 0.02))
+        return []
+
+
+def test_the_startup_wait_says_why_and_hears_a_stop(tmp_path, caplog, monkeypatch):
+    """Issue 19: workers.initial above capacity waited 300 s in silence and ignored Ctrl-C."""
+    import threading
+    import time
+
+    import elastic.trainer as trainer_module
+
+    monkeypatch.setattr(trainer_module, "STARTUP_NOTICE_S", 0.05)
+    trainer = _trainer(tmp_path, capacity=5)
+    trainer.group = _SlowGroup()
+    threading.Timer(0.3, trainer.request_stop).start()
+    started = time.monotonic()
+    with caplog.at_level("WARNING"):
+        assert trainer._wait_ready_or_stop(2) == []
+    assert time.monotonic() - started < 5
+    assert caplog.text.count("2 of 2 worker(s) not started after") == 1
