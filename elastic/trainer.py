@@ -326,7 +326,7 @@ class ElasticTrainer:
         self.group.spawn(initial)
         ready = self._wait_ready_or_stop(initial)
         if not ready and self._stop.is_set():
-            raise TrainerError("stopped while the first workers were starting; no checkpoint written")
+            raise TrainerError("stopped while the first workers were starting (the newest checkpoint, if any, stands)")
         if not ready:
             raise TrainerError(f"no worker started within {STARTUP_TIMEOUT_S:.0f} s; is there capacity on the cluster?")
         dataset_len = ready[0].info["dataset_len"]
@@ -423,8 +423,14 @@ class ElasticTrainer:
         """
         from elastic.backends import BackendError
 
+        from controller.actuators.base import ActuationError
+
         spec = self.spec
-        capacity = self.backend.actuator.capacity_workers()
+        try:
+            capacity = self.backend.actuator.capacity_workers()
+        except ActuationError as exc:  # unknown room: start as asked, as the controller will retry
+            logger.warning("starting workers.initial=%d without knowing the cluster's room: %s", spec.workers.initial, exc)
+            return spec.workers.initial
         if capacity < spec.workers.min:
             raise BackendError(f"cluster: room for {capacity} worker(s) of {self.backend.worker_actor_options()}, "
                                f"fewer than workers.min={spec.workers.min}; free or add capacity, or lower workers.min")

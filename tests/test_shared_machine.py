@@ -121,6 +121,18 @@ def test_start_uses_the_room_there_is_and_fails_fast_below_min(tmp_path, caplog)
         _trainer(tmp_path, capacity=1)._startable_workers()
 
 
+def test_unknown_room_starts_as_asked(tmp_path):
+    from controller.actuators.base import ActuationError
+
+    trainer = _trainer(tmp_path, capacity=0)
+
+    def broken():
+        raise ActuationError("kuberay: API unreachable")
+
+    trainer.backend.actuator.capacity_workers = broken
+    assert trainer._startable_workers() == 5
+
+
 class _SlowGroup:
     """Workers that never get placed (the cluster's room is taken)."""
 
