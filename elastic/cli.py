@@ -120,10 +120,13 @@ def _cmd_validate(args: argparse.Namespace) -> int:
     if not errors:
         from elastic.task import TaskError  # imports torch
 
+        from elastic.backends import BackendError, check_address
+
         spec = load_job_spec(args.job, overrides)
         try:
+            check_address(spec.cluster.address)
             preflight(spec)
-        except TaskError as exc:
+        except (TaskError, BackendError) as exc:
             errors = [str(exc)]
     elif overrides is not None and not any(e.startswith("task") for e in errors):
         task = _field_in(args.job, overrides, "task")

@@ -111,9 +111,10 @@ def test_ray_client_address_fails_fast_on_the_cli(tmp_path):
     (tmp_path / "job.yaml").write_text(
         "name: client\ntask: examples.digits:DigitsTask\nbatch_size_per_worker: 8\ntotal_progress: 10\n"
         "optimizer: {name: sgd, lr: 0.1}\ncluster: {backend: ray, address: 'ray://127.0.0.1:1'}\n")
-    out = subprocess.run([sys.executable, "-m", "elastic.cli", "run", str(tmp_path / "job.yaml")], cwd=ROOT,
-                         capture_output=True, text=True, timeout=120)
-    assert out.returncode == 2 and out.stderr.count("error:") == 1 and "Ray Client" in out.stderr
+    for command in ("run", "validate"):
+        out = subprocess.run([sys.executable, "-m", "elastic.cli", command, str(tmp_path / "job.yaml")], cwd=ROOT,
+                             capture_output=True, text=True, timeout=120)
+        assert out.returncode == 2 and out.stderr.count("error:") == 1 and "Ray Client" in out.stderr, out.stderr
 
 
 @pytest.mark.ray
