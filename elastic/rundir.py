@@ -161,9 +161,12 @@ def _has_steps(path: Path) -> bool:
 class RunLock:
     """An exclusive ``flock`` on ``<run_dir>/.lock`` for as long as the run runs."""
 
-    def __init__(self, run_dir: Path) -> None:
+    def __init__(self, run_dir: Path, field: str = "run_dir") -> None:
         self.path = Path(run_dir) / LOCK_FILE
+        self.field = field
         self._fd: int | None = None
+        #: The checkpoint directory's lock when it lies outside the run directory (released together).
+        self.companion: RunLock | None = None
 
     def acquire(self, holder: dict) -> None:
         """Takes the lock and writes ``holder`` into the lock file.
@@ -180,8 +183,8 @@ class RunLock:
             except ValueError:
                 other = {}
             os.close(fd)
-            raise RunDirError(f"run_dir: {self.path.parent} is in use by {_holder_text(other)}; "
-                              "wait for it to end, or give this job another run_dir") from None
+            raise RunDirError(f"{self.field}: {self.path.parent} is in use by {_holder_text(other)}; "
+                              f"wait for it to end, or give this job another {self.field}") from None
         self._fd = fd
         self.set_holder(holder)
 
@@ -195,6 +198,9 @@ class RunLock:
     def release(self) -> None:
         # The file stays: unlinking it would let a third process lock a new inode while a second
         # one still waits on the old one.
+        if self.companion is not None:
+            self.companion.release()
+            self.companion = None
         if self._fd is not None:
             os.ftruncate(self._fd, 0)
             fcntl.flock(self._fd, fcntl.LOCK_UN)
@@ -275,6 +281,11 @@ def open_run(run_dir: str | Path, checkpoint_dir: str | Path, name: str, total_p
             record = replace(old, status="running", started_at=started_at, total_progress=total_progress,
                              attempts=old.attempts + 1)
         lock.set_holder({**holder, "run_id": record.run_id})
+        if not _inside(checkpoint_dir, run_dir):  # two runs must not share checkpoints either
+            checkpoint_dir.mkdir(parents=True, exist_ok=True)
+            companion = RunLock(checkpoint_dir, field="checkpoint.dir")
+            companion.acquire({**holder, "run_id": record.run_id})
+            lock.companion = companion
         record.write(run_dir)
     except BaseException:
         lock.release()

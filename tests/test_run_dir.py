@@ -129,7 +129,7 @@ def test_start_over_moves_a_checkpoint_dir_outside_the_run_dir_too(tmp_path):
     (ckpt / "ckpt-00000007.pt").write_bytes(b"x")
     lock, _, _ = open_(run_dir, mode="start_over", checkpoint_dir=ckpt)
     lock.release()
-    assert not ckpt.exists()
+    assert [p.name for p in ckpt.iterdir()] == [".lock"]  # a fresh, locked checkpoint dir
     (moved,) = [p for p in tmp_path.iterdir() if p.name.startswith("ckpt.")]
     assert (moved / "ckpt-00000007.pt").exists()
 
@@ -192,3 +192,16 @@ metrics: {{enabled: false}}
     record = RunRecord.read(run_dir)
     assert record.status == "finished" and f"run {record.run_id}" in out.stdout
     assert record.checkpoint_step == record.steps and record.checkpoint_step != 400
+
+
+def test_two_runs_cannot_share_a_checkpoint_dir(tmp_path):
+    shared = tmp_path / "shared-ckpt"
+    lock, record, _ = open_(tmp_path / "a", checkpoint_dir=shared)
+    try:
+        with pytest.raises(RunDirError, match=f"checkpoint.dir: {shared} is in use by run {record.run_id}"):
+            open_(tmp_path / "b", checkpoint_dir=shared)
+        assert not (tmp_path / "b" / ".lock").read_text().strip()  # b's own lock was let go
+    finally:
+        lock.release()
+    lock, _, _ = open_(tmp_path / "b", checkpoint_dir=shared)  # free once a's run ended
+    lock.release()
