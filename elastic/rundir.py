@@ -282,9 +282,12 @@ def open_run(run_dir: str | Path, checkpoint_dir: str | Path, name: str, total_p
                              attempts=old.attempts + 1)
         lock.set_holder({**holder, "run_id": record.run_id})
         if not _inside(checkpoint_dir, run_dir):  # two runs must not share checkpoints either
-            checkpoint_dir.mkdir(parents=True, exist_ok=True)
             companion = RunLock(checkpoint_dir, field="checkpoint.dir")
-            companion.acquire({**holder, "run_id": record.run_id})
+            try:
+                checkpoint_dir.mkdir(parents=True, exist_ok=True)
+                companion.acquire({**holder, "run_id": record.run_id})
+            except OSError as exc:
+                raise RunDirError(f"checkpoint.dir: cannot write to {checkpoint_dir}: {exc.strerror or exc}") from None
             lock.companion = companion
         record.write(run_dir)
     except BaseException:
