@@ -247,7 +247,11 @@ def open_run(run_dir: str | Path, checkpoint_dir: str | Path, name: str, total_p
         RunDirError: the directory is locked by a running job, or (``fresh``) holds another run.
         RunFinished: (``resume``) the run there already reached ``total_progress``; the lock is released.
     """
+    # A checkpoint URI (object storage) is not a local directory: no listing or lock here.
+    local_checkpoints = "://" not in str(checkpoint_dir)
     run_dir, checkpoint_dir = Path(run_dir), Path(checkpoint_dir)
+    if not local_checkpoints:
+        checkpoint_dir = run_dir / "checkpoints"
     run_dir.mkdir(parents=True, exist_ok=True)
     started_at = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
     holder = {"pid": os.getpid(), "host": socket.gethostname(), "name": name, "started_at": started_at}
@@ -281,7 +285,7 @@ def open_run(run_dir: str | Path, checkpoint_dir: str | Path, name: str, total_p
             record = replace(old, status="running", started_at=started_at, total_progress=total_progress,
                              attempts=old.attempts + 1)
         lock.set_holder({**holder, "run_id": record.run_id})
-        if not _inside(checkpoint_dir, run_dir):  # two runs must not share checkpoints either
+        if local_checkpoints and not _inside(checkpoint_dir, run_dir):  # nor may two runs share checkpoints
             companion = RunLock(checkpoint_dir, field="checkpoint.dir")
             try:
                 checkpoint_dir.mkdir(parents=True, exist_ok=True)

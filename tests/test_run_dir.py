@@ -205,3 +205,10 @@ def test_two_runs_cannot_share_a_checkpoint_dir(tmp_path):
         lock.release()
     lock, _, _ = open_(tmp_path / "b", checkpoint_dir=shared)  # free once a's run ended
     lock.release()
+
+
+def test_a_checkpoint_uri_is_not_treated_as_a_local_directory(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    lock, _, _ = open_run(tmp_path / "run", "s3://bucket/ckpt", "job", 10.0)
+    lock.release()
+    assert not (tmp_path / "s3:").exists()
