@@ -7,8 +7,13 @@
 
 from __future__ import annotations
 
+import importlib.util
+import logging
+import os
 import socket
+import sysconfig
 import threading
+from pathlib import Path
 from typing import Any
 
 from elastic.config import JobSpec
@@ -59,6 +64,112 @@ def check_reachable(address: str, timeout_s: float = CONNECT_TIMEOUT_S) -> None:
         raise BackendError(f"cluster.address: cannot reach {host}:{port} ({reason})") from None
 
 
+#: Left out of an automatic working_dir upload: environments, VCS data, run outputs and caches.
+DEFAULT_EXCLUDES = (".git", ".venv", "venv", "env", "__pycache__", "*.pyc", "runs", ".pytest_cache",
+                    "node_modules", "*.pt", "*.ckpt")
+
+
+def check_address(address: str | None) -> None:
+    """Refuses Ray Client addresses (``ray://``) with the reason and the forms that work.
+
+    Raises:
+        BackendError: ``cluster.address`` is a ``ray://`` address.
+    """
+    if address and address.strip().lower().startswith("ray://"):
+        raise BackendError(
+            f"cluster.address: {address!r} is a Ray Client address, which elastic does not support (Ray "
+            "documents Ray Client as unsuited to ML training, and the trainer's driver must run on the "
+            "cluster); run the driver on a cluster node with cluster.address: auto or HEAD:6379, e.g. "
+            "ray job submit --address http://HEAD:8265 --working-dir . -- elastic run job.yaml")
+
+
+def resolve_address(address: str | None, environ: dict[str, str] | None = None,
+                    address_file: Path | None = None) -> str:
+    """``auto`` -> the cluster that ``ray start`` on this machine recorded (``RAY_ADDRESS`` first, as
+    set for a Ray Jobs entrypoint, then Ray's ``ray_current_cluster`` file).
+
+    Ray's own ``auto`` falls back to any GCS process it finds on the machine, which may be another
+    job's embedded cluster; this one does not (the embedded clusters never leave their address in the
+    file, see controller.actuators.local.preserved_file).
+
+    Raises:
+        BackendError: ``auto`` and no cluster recorded.
+    """
+    if address and address.strip() != "auto":
+        return address.strip()
+    environ = os.environ if environ is None else environ
+    if environ.get("RAY_ADDRESS"):
+        return environ["RAY_ADDRESS"]
+    if address_file is None:
+        from controller.actuators.local import ray_address_file
+
+        address_file = ray_address_file()
+    try:
+        recorded = Path(address_file).read_text().strip()
+    except OSError:
+        recorded = ""
+    if not recorded:
+        raise BackendError(f"cluster.address: auto found no Ray cluster started with `ray start` on this machine "
+                           f"(RAY_ADDRESS is unset and {address_file} is missing); give the head's address, "
+                           "e.g. cluster.address: HEAD:6379")
+    return recorded
+
+
+def task_code_root(task: str) -> Path | None:
+    """The directory the task's top-level module is imported from, or None when it is an installed
+    package (site-packages, the standard library) or cannot be found: what must reach the workers."""
+    top = task.split(":", 1)[0].split(".", 1)[0]
+    try:
+        found = importlib.util.find_spec(top)
+    except (ImportError, ValueError):
+        return None
+    if found is None:
+        return None
+    if found.submodule_search_locations:  # a package: its parent directory is the import root
+        location = Path(list(found.submodule_search_locations)[0]).parent
+    elif found.origin and found.origin not in ("built-in", "frozen"):
+        location = Path(found.origin).parent
+    else:
+        return None
+    installed = {sysconfig.get_paths()[key] for key in ("purelib", "platlib", "stdlib", "platstdlib")}
+    location = location.resolve()
+    if any(location == Path(p).resolve() or Path(p).resolve() in location.parents for p in installed):
+        return None
+    return location
+
+
+def worker_runtime_env(spec: JobSpec, code_root: Path | None) -> dict[str, Any]:
+    """Ray's ``runtime_env`` for the job: ``runtime_env`` from the spec, plus the task's code root when
+    the spec ships no code itself (no ``working_dir``, no ``py_modules``).
+
+    On ``local`` the workers share this machine's file system, and on ``kuberay`` every pod runs the
+    job's image, so the code root goes on their ``PYTHONPATH``; on ``ray`` it is uploaded as the
+    ``working_dir`` (nodes may be other machines with other files), leaving out
+    :data:`DEFAULT_EXCLUDES` and the spec's ``excludes``.
+    """
+    r = spec.runtime_env
+    env: dict[str, Any] = {}
+    if r.working_dir:
+        env["working_dir"] = r.working_dir
+    if r.py_modules:
+        env["py_modules"] = list(r.py_modules)
+    if r.pip:
+        env["pip"] = list(r.pip)
+    env_vars = dict(r.env_vars)
+    ships_code = bool(r.working_dir or r.py_modules)
+    if code_root is not None and not ships_code:
+        if spec.cluster.backend in ("local", "kuberay"):  # one machine / one image: the same paths
+            paths = [str(code_root), *filter(None, env_vars.get("PYTHONPATH", os.environ.get("PYTHONPATH", "")).split(os.pathsep))]
+            env_vars["PYTHONPATH"] = os.pathsep.join(dict.fromkeys(paths))
+        else:
+            env["working_dir"] = str(code_root)
+    if "working_dir" in env or "py_modules" in env:
+        env["excludes"] = [*DEFAULT_EXCLUDES, *r.excludes]
+    if env_vars:
+        env["env_vars"] = env_vars
+    return env
+
+
 class LocalBackend:
     needs_main_thread = True
 
@@ -66,7 +177,8 @@ class LocalBackend:
         from controller.actuators.local import LocalActuator, LocalRayCluster
 
         self.cluster = LocalRayCluster(spec.cluster.num_cpus_per_worker, max_workers=spec.workers.max,
-                                       gpus_per_worker=1 if spec.cluster.use_gpu else 0)
+                                       gpus_per_worker=1 if spec.cluster.use_gpu else 0,
+                                       runtime_env=worker_runtime_env(spec, task_code_root(spec.task)))
         self.actuator = LocalActuator(self.cluster)
 
     def start(self, initial_workers: int) -> None:
@@ -103,17 +215,23 @@ class RayBackend:
             from controller.actuators.ray_autoscaler import RayAutoscalerActuator
 
             self.actuator = RayAutoscalerActuator(resources, max_workers=spec.workers.max)
+        self.runtime_env = worker_runtime_env(spec, task_code_root(spec.task))
 
     def start(self, initial_workers: int) -> None:
+        import signal
+
         import ray
 
-        from controller.actuators.local import local_ray_environment
+        from controller.actuators.local import kept_signal_handlers, local_ray_environment
 
         local_ray_environment(loopback=False)
-        address = self.spec.cluster.address or "auto"
+        address = resolve_address(self.spec.cluster.address)
+        check_address(address)
         check_reachable(address)  # ray.init may retry an unreachable address for a long time
         try:
-            ray.init(address=address, logging_level="WARNING")
+            # ray.init installs a SIGTERM handler that exits at once; the trainer's stops at a step boundary.
+            with kept_signal_handlers(signal.SIGTERM, signal.SIGINT):
+                ray.init(address=address, logging_level="WARNING", runtime_env=self.runtime_env or None)
         except Exception as exc:  # noqa: BLE001 - ray raises several types for an unreachable cluster
             raise BackendError(f"cluster.address: cannot connect to Ray at {address!r}: "
                                f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}") from None
@@ -138,6 +256,12 @@ class RayBackend:
     def shutdown(self) -> None:
         import ray
 
+        close = getattr(self.actuator, "close", None)
+        if close is not None and ray.is_initialized():
+            try:
+                close()  # e.g. withdraw the autoscaler resource request: it outlives the job otherwise
+            except Exception as exc:  # noqa: BLE001 - shutting down anyway
+                logging.getLogger(__name__).warning("%s", exc)
         ray.shutdown()
 
 

@@ -2,6 +2,8 @@
 
 Bad input ends with one line on stderr naming the field or cause and exit code 2, never a traceback;
 a job that fails while running ends with one line and exit code 1 (its checkpoint stays usable).
+A run stopped by SIGINT or SIGTERM checkpoints at the next step boundary, prints its summary marked
+as stopped and exits 128 + the signal number (130, 143), as shells and Kubernetes expect.
 """
 
 from __future__ import annotations
@@ -9,12 +11,18 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import signal
 
 import yaml
 import sys
 from pathlib import Path
 
 EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT = 0, 1, 2
+
+
+def exit_code_for_signal(signum: int | None) -> int:
+    """The shell's convention for a process ended by a signal: 128 + its number (SIGINT 130, SIGTERM 143)."""
+    return EXIT_OK if signum is None else 128 + int(signum)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -38,7 +46,12 @@ def _parser() -> argparse.ArgumentParser:
 
     run = sub.add_parser("run", help="run a job spec to its total progress, resizing in place")
     run.add_argument("job", help="job spec (YAML)")
-    run.add_argument("--resume", action="store_true", help="continue from the newest valid checkpoint")
+    start = run.add_mutually_exclusive_group()
+    start.add_argument("--resume", action="store_true", help="continue the run in the run directory from its newest "
+                       "valid checkpoint (a finished run is reported and left alone)")
+    start.add_argument("--start-over", action="store_true",
+                       help="move an earlier run in the run directory aside (to RUN_DIR.<run id>; nothing is "
+                            "deleted) and start a new run")
     run.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                      help="override a spec field, e.g. --set workers.max=8 (repeatable)")
     run.add_argument("--cluster-address", help="attach to an existing Ray cluster (sets cluster.backend=ray)")
@@ -98,6 +111,7 @@ def _cmd_validate(args: argparse.Namespace) -> int:
     from elastic.config import ConfigError, load_job_spec, validate_job_spec
 
     spec = None
+    _add_task_paths(args.job)
     try:
         overrides = _overrides(args)
         errors = validate_job_spec(args.job, overrides)
@@ -106,10 +120,13 @@ def _cmd_validate(args: argparse.Namespace) -> int:
     if not errors:
         from elastic.task import TaskError  # imports torch
 
+        from elastic.backends import BackendError, check_address
+
         spec = load_job_spec(args.job, overrides)
         try:
+            check_address(spec.cluster.address)
             preflight(spec)
-        except TaskError as exc:
+        except (TaskError, BackendError) as exc:
             errors = [str(exc)]
     elif overrides is not None and not any(e.startswith("task") for e in errors):
         task = _field_in(args.job, overrides, "task")
@@ -179,6 +196,15 @@ def _check_run_dir(spec) -> None:
         raise ConfigError(f"run_dir: cannot write to {path}: {exc.strerror or exc}") from None
 
 
+def _add_task_paths(job: str) -> None:
+    """Makes a task module beside the job file, or in the current directory, importable here as
+    ``python -m`` would (the ``elastic`` script's own directory is what Python puts first); the
+    workers get the same directory through the job's runtime_env (elastic.backends)."""
+    for directory in (os.getcwd(), str(Path(job).resolve().parent)):
+        if directory not in sys.path:
+            sys.path.insert(0 if directory == os.getcwd() else len(sys.path), directory)
+
+
 def _cmd_run(args: argparse.Namespace) -> int:
     from elastic.config import ConfigError, load_job_spec
 
@@ -190,20 +216,23 @@ def _cmd_run(args: argparse.Namespace) -> int:
         spec = load_job_spec(args.job, _overrides(args))
     except ConfigError as exc:
         return _fail(str(exc), EXIT_BAD_INPUT)
+    _add_task_paths(args.job)
 
+    from elastic.backends import BackendError, check_address
     from elastic.task import TaskError  # imports torch
 
     try:
+        check_address(spec.cluster.address)
         preflight(spec)  # bad task or data: fail here, before any Ray cluster starts
         _check_run_dir(spec)
-    except (ConfigError, TaskError) as exc:
+    except (ConfigError, TaskError, BackendError) as exc:
         return _fail(str(exc), EXIT_BAD_INPUT)
 
     # Imported only now: a bad spec fails without loading torch and Ray (about a second).
-    from elastic.backends import BackendError
     from elastic.checkpoint import CheckpointError
     from elastic.group import WorkerGroupError
     from elastic.metrics import MetricsError
+    from elastic.rundir import RunDirError, RunFinished
     from elastic.trainer import ElasticTrainer, TrainerError
 
     operator_client = None
@@ -215,17 +244,23 @@ def _cmd_run(args: argparse.Namespace) -> int:
         except ContractError as exc:
             return _fail(str(exc), EXIT_BAD_INPUT)
     trainer = ElasticTrainer(spec, resume=args.resume, ledger=args.ledger, show_progress=not args.quiet,
-                             operator_client=operator_client)
+                             operator_client=operator_client, start_over=args.start_over)
     try:
         summary = trainer.run()
-    except (MetricsError, CheckpointError, BackendError) as exc:
+    except RunFinished as done:
+        print(done)
+        return EXIT_OK
+    except (MetricsError, CheckpointError, BackendError, RunDirError) as exc:
         return _fail(str(exc), EXIT_BAD_INPUT)
     except (TrainerError, WorkerGroupError) as exc:
-        return _fail(str(exc), EXIT_FAILED)
-    except KeyboardInterrupt:
-        return _fail("interrupted; resume with --resume", EXIT_FAILED)
-    _print_summary(summary)
-    return EXIT_OK
+        code = exit_code_for_signal(trainer._stop_signal) if trainer._stop_signal is not None else EXIT_FAILED
+        return _fail(str(exc), code)
+    except KeyboardInterrupt:  # a second signal: no checkpoint at this point
+        signum = trainer._stop_signal or signal.SIGINT
+        return _fail(f"aborted by a second {signal.Signals(signum).name}; the newest checkpoint stands: "
+                     f"elastic run {args.job} --resume", exit_code_for_signal(signum))
+    _print_summary(summary, args.job)
+    return exit_code_for_signal(summary.stop_signal)
 
 
 def _cmd_report(args: argparse.Namespace) -> int:
@@ -239,15 +274,24 @@ def _cmd_report(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def _print_summary(summary) -> None:
+def _print_summary(summary, job: str = "JOB.yaml") -> None:
     from rich.console import Console
     from rich.table import Table
 
     console = Console()
-    metrics = ", ".join(f"{k} {v:.4f}" for k, v in summary.evaluation.items())
-    console.print(f"[bold]{summary.name}[/bold] finished: tau {summary.progress:.1f} / {summary.total_progress:g} "
-                  f"in {summary.steps} steps ({summary.skipped_steps} skipped), {summary.samples} samples, "
-                  f"{summary.elapsed_s:.1f} s; test {metrics}")
+    metrics = ", ".join(f"{k} {v:.4f}" for k, v in summary.evaluation.items()) or "not evaluated"
+    if summary.stop_signal is not None:
+        outcome = f"[yellow]stopped by {signal.Signals(summary.stop_signal).name}[/yellow]"
+    elif summary.stopped_early:
+        outcome = "[yellow]stopped early[/yellow]"
+    else:
+        outcome = "finished"
+    this_run = f"{summary.steps_this_run} steps, {summary.elapsed_s:.1f} s"
+    if summary.resumed_from_step is not None:
+        this_run = (f"{this_run} this run (resumed at step {summary.resumed_from_step}); "
+                    f"{summary.steps} steps, {summary.total_elapsed_s:.1f} s in all")
+    console.print(f"[bold]{summary.name}[/bold] {outcome}: tau {summary.progress:.1f} / {summary.total_progress:g}; "
+                  f"{this_run} ({summary.skipped_steps} skipped), {summary.samples} samples; test {metrics}")
     if summary.resizes:
         table = Table(title="resizes (in place)")
         for column in ("tau", "workers", "direction", "cause", "pause s"):
@@ -260,10 +304,11 @@ def _print_summary(summary) -> None:
         console.print(f"[yellow]schedule step {missed['step']} ({missed['workers']} workers at {when}) never "
                       f"happened[/yellow]: {missed['reason']}")
     if summary.stopped_early:
-        console.print(f"[yellow]stopped early[/yellow] at tau {summary.progress:.1f}; continue with: "
-                      f"elastic run JOB.yaml --resume")
-    console.print(f"worker failures {summary.worker_failures}; final workers {summary.final_workers}; "
-                  f"checkpoint step {summary.checkpoint_step}; run dir {summary.run_dir}")
+        console.print(f"stopped at tau {summary.progress:.1f}; continue with: elastic run {job} --resume")
+    console.print(f"run {summary.run_id}; worker failures {summary.worker_failures}; final workers "
+                  f"{summary.final_workers}; checkpoint step {summary.checkpoint_step}; run dir {summary.run_dir}")
+    if summary.metrics_url:
+        console.print(f"metrics were at {summary.metrics_url}")
     console.print(f"draw it: elastic report {summary.run_dir}")
 
 

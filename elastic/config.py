@@ -383,6 +383,25 @@ class FailureConfig(_Section):
     """After losing workers below workers.min, wait this long for capacity before failing."""
 
 
+class RuntimeEnvConfig(_Section):
+    """Ray's ``runtime_env`` for the job's workers: how the task's code and packages reach them.
+
+    Left empty, the directory the task module is imported from reaches the workers: on ``local`` and
+    ``kuberay`` through ``PYTHONPATH`` (one machine, one image), on ``ray`` as an uploaded
+    ``working_dir`` (nodes may be other machines); an installed task package is not shipped."""
+
+    working_dir: Optional[str] = None
+    """Directory uploaded to every worker and made its working directory (Ray's ``working_dir``)."""
+    py_modules: list[str] = Field(default_factory=list)
+    """Local package directories or wheel/zip paths uploaded and importable on the workers."""
+    pip: list[str] = Field(default_factory=list)
+    """Requirements installed into a per-job virtualenv on every node (needs the package index)."""
+    env_vars: dict[str, str] = Field(default_factory=dict)
+    """Environment variables of the worker processes."""
+    excludes: list[str] = Field(default_factory=list)
+    """gitignore-style patterns left out of ``working_dir`` and ``py_modules`` uploads."""
+
+
 class JobSpec(_Section):
     """A whole training job. Build it with :func:`load_job_spec` or :func:`parse_job_spec`."""
 
@@ -420,6 +439,8 @@ class JobSpec(_Section):
     """Directory for the run's logs, metrics and report; default ``runs/<name>``."""
     failure: FailureConfig = Field(default_factory=FailureConfig)
     """Failure handling."""
+    runtime_env: RuntimeEnvConfig = Field(default_factory=RuntimeEnvConfig)
+    """Ray runtime_env of the workers (code, packages, environment variables)."""
 
     @model_validator(mode="before")
     @classmethod

@@ -69,6 +69,12 @@ def read_log(path: Path) -> RunLog:
     return log
 
 
+def run_ids(log: RunLog) -> list[str]:
+    """Run ids named by the log's ``run`` events, first seen first (more than one: the log mixes runs,
+    which a run directory's lock now prevents but older directories may hold)."""
+    return list(dict.fromkeys(e["run_id"] for e in log.other if e.get("kind") == "run" and e.get("run_id")))
+
+
 # Workers and scale are step functions: step i ran at its value during (t_{i-1}, t_i], hence steps-pre.
 def _series(steps: list[dict[str, Any]], key: str) -> list[float]:
     # null in the log stands for a non-finite value (e.g. a NaN loss): draw it as a gap.
@@ -109,7 +115,10 @@ def draw_report(run_dir: Path, out: Path | None = None) -> Path:
                              constrained_layout=True)
     name = log.steps[-1].get("job_name") or run_dir.name
     failures = sum(int(f.get("count", 1)) for f in log.failures)
-    fig.suptitle(f"{name}: {len(log.steps)} steps, resizes: {len(log.resizes)}, worker failures: {failures}")
+    ids = run_ids(log)
+    run = f" (run {ids[0]})" if len(ids) == 1 else f" (MIXED runs {', '.join(ids)})" if ids else ""
+    fig.suptitle(f"{name}{run}: {len(log.steps)} steps, resizes: {len(log.resizes)}, worker failures: {failures}")
+    starts = [e for e in log.other if e.get("kind") == "run" and e.get("resume")]  # where each resume began
     for ax, (ylabel, lines, log_scale) in zip(axes, panels):
         for label, ys, style in lines:
             ax.plot(xs, ys, label=label, linewidth=1.2, **style)
@@ -124,6 +133,8 @@ def draw_report(run_dir: Path, out: Path | None = None) -> Path:
                        linewidth=0.9, alpha=0.7)
         for t in x(log.failures):
             ax.axvline(t, color="black", linestyle=":", linewidth=0.9)
+        for t in x(starts):
+            ax.axvline(t, color="tab:gray", linestyle="-.", linewidth=0.9)
     axes[0].yaxis.get_major_locator().set_params(integer=True)
     axes[-1].set_xlabel(f"wall time since start ({unit})")
 

@@ -37,6 +37,8 @@ MAX_AUTO_STEPS_PER_CALL = 128
 MIN_TIMED_STEPS = 3
 #: Seconds a first worker may take to start (process, imports, dataset) before the job gives up.
 STARTUP_TIMEOUT_S = 300.0
+#: ... and after this long without them, the user is told once.
+STARTUP_NOTICE_S = 30.0
 
 
 class TrainerError(RuntimeError):
@@ -72,6 +74,17 @@ class RunSummary:
     metrics_url: str | None = None
     stopped_early: bool = False
     extra: dict[str, Any] = field(default_factory=dict)
+    run_id: str = ""
+    #: Signal that stopped the run (``signal.SIGTERM`` / ``SIGINT``), or None.
+    stop_signal: int | None = None
+    #: Checkpoint step this run resumed from (None for a fresh start); ``steps`` counts from 0.
+    resumed_from_step: int | None = None
+    #: Training time over every attempt of the run (``elapsed_s`` is this process's share).
+    total_elapsed_s: float = 0.0
+
+    @property
+    def steps_this_run(self) -> int:
+        return self.steps - (self.resumed_from_step or 0)
 
 
 class ElasticTrainer:
@@ -80,6 +93,8 @@ class ElasticTrainer:
     Args:
         spec: the validated job spec.
         resume: continue from the newest valid checkpoint in ``spec.checkpoint.dir``.
+        start_over: move an earlier run's directory aside (``<run_dir>.<run id>``) and start afresh;
+            without it or ``resume``, a run directory holding another run is refused (RunDirError).
         registry: Prometheus registry (tests pass a fresh one); a new one by default.
         ledger: also write ``ledger.jsonl`` (every committed step's sample indices per rank).
         on_step: called after every step with the trainer (tests use it to inject failures).
@@ -88,9 +103,14 @@ class ElasticTrainer:
 
     def __init__(self, spec: JobSpec, resume: bool = False, registry: Any = None, ledger: bool = False,
                  on_step: Callable[[ElasticTrainer], None] | None = None, show_progress: bool = True,
-                 operator_client: Any = None) -> None:
+                 operator_client: Any = None, start_over: bool = False) -> None:
         self.spec = spec
         self.resume = resume
+        self.start_over = start_over  # move an earlier run's directory aside instead of refusing it
+        self.run_id = ""
+        self._stop_signal: int | None = None
+        self._resumed_from_step: int | None = None
+        self._elapsed_before_s = 0.0  # training time of earlier attempts (from the checkpoint)
         self.run_dir = Path(spec.run_dir)
         self.on_step = on_step
         self.show_progress = show_progress
@@ -126,48 +146,85 @@ class ElasticTrainer:
 
     # ================================================================ public entry point
     def run(self) -> RunSummary:
+        """Raises RunDirError (directory locked, or another run's), RunFinished (``resume`` of a
+        finished run: nothing started), or what training raised."""
+        from elastic.rundir import open_run
+
+        mode = "resume" if self.resume else "start_over" if self.start_over else "fresh"
+        try:
+            run_lock, record, notes = open_run(self.run_dir, self.spec.checkpoint.dir, self.spec.name,
+                                               self.spec.total_progress, mode)
+        except OSError as exc:
+            raise TrainerError(f"run_dir: cannot write to {self.run_dir}: {exc.strerror or exc}") from None
+        try:
+            return self._run_locked(record, notes)
+        finally:
+            run_lock.release()
+
+    def _run_locked(self, record, notes: list[str]) -> RunSummary:
         from elastic.backends import make_backend
 
+        self.run_id = record.run_id
         try:
-            self.run_dir.mkdir(parents=True, exist_ok=True)
             log_handler = logging.FileHandler(self.run_dir / "train.log")
         except OSError as exc:
             raise TrainerError(f"run_dir: cannot write to {self.run_dir}: {exc.strerror or exc}") from None
-        log_handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+        log_handler.setFormatter(logging.Formatter(f"%(asctime)s %(levelname)s [{self.run_id}] %(name)s: %(message)s"))
         log_handler.setLevel(logging.INFO)
         logging.getLogger().addHandler(log_handler)
         for name in ("elastic", "controller"):  # the run's log keeps INFO whatever the console shows
             package_logger = logging.getLogger(name)
             if package_logger.getEffectiveLevel() > logging.INFO:
                 package_logger.setLevel(logging.INFO)
+        for note in notes:
+            logger.warning("%s", note)
         self.checkpoints = CheckpointManager(self.spec.checkpoint.dir, keep_last=self.spec.checkpoint.keep_last)
-        self._setup_metrics()
-        self.backend = make_backend(self.spec)
         result: dict[str, Any] = {}
         try:
-            self.backend.start(self.spec.workers.initial)
-            if self.backend.needs_main_thread:
-                # The local cluster adds and removes nodes on the main thread; training runs beside it.
-                done = threading.Event()
-                thread = threading.Thread(target=self._train_into, args=(result, done), name="elastic-train")
-                thread.start()
-                try:
+            self._setup_metrics()
+            self.backend = make_backend(self.spec)
+            # SIGINT / SIGTERM stop at the next step boundary from here on (a second one aborts);
+            # the local backend keeps these handlers when Ray installs its own while starting nodes.
+            with _first_interrupt_stops(self._stop, self._on_stop_signal):
+                self.backend.start(self.spec.workers.initial)
+                if self.backend.needs_main_thread:
+                    # The local cluster adds and removes nodes on the main thread; training runs beside it.
+                    done = threading.Event()
+                    thread = threading.Thread(target=self._train_into, args=(result, done), name="elastic-train",
+                                              daemon=True)  # an abort (second signal) must not wait for it
+                    thread.start()
                     self.backend.serve(done)
-                except KeyboardInterrupt:
-                    logger.warning("interrupted: stopping at the next step boundary with a checkpoint")
-                    self._stop.set()
-                    self.backend.serve(done)
-                thread.join()
-            else:
-                with _first_interrupt_stops(self._stop):
+                    thread.join()
+                else:
                     self._train_into(result, None)
+        except BaseException as exc:
+            result.setdefault("error", exc)
         finally:
-            self._shutdown()
-            logging.getLogger().removeHandler(log_handler)
-            log_handler.close()
+            try:
+                self._shutdown()
+            finally:
+                self._record_run_end(record, result.get("summary"), "error" in result)
+                logging.getLogger().removeHandler(log_handler)
+                log_handler.close()
         if "error" in result:
             raise result["error"]
         return result["summary"]
+
+    def _on_stop_signal(self, signum: int) -> None:
+        if self._stop_signal is None:
+            self._stop_signal = signum
+
+    def _record_run_end(self, record, summary: RunSummary | None, failed: bool) -> None:
+        """``run.json`` says how the run ended, for ``--resume`` and for whoever finds the directory."""
+        from dataclasses import replace
+
+        status = "failed" if failed or summary is None else "stopped" if summary.stopped_early else "finished"
+        try:
+            replace(record, status=status, progress=float(self._last.get("progress", 0.0)),
+                    checkpoint_step=self.checkpoints.latest_step(), steps=self._steps,
+                    elapsed_s=self._elapsed_before_s + time.monotonic() - self._started_s).write(self.run_dir)
+        except OSError as exc:
+            logger.warning("could not update %s/run.json: %s", self.run_dir, exc)
 
     def request_stop(self) -> None:
         """Finish the current step, evaluate, checkpoint and return a summary (``stopped_early``)."""
@@ -301,8 +358,11 @@ class ElasticTrainer:
         spec = self.spec
         restored = self._load_checkpoint() if self.resume else None
         self.group = WorkerGroup(spec, self.backend.worker_actor_options(), spec.name)
-        self.group.spawn(spec.workers.initial)
-        ready = self.group.wait_ready(spec.workers.initial, STARTUP_TIMEOUT_S)
+        initial = self._startable_workers()
+        self.group.spawn(initial)
+        ready = self._wait_ready_or_stop(initial)
+        if not ready and self._stop.is_set():
+            raise TrainerError("stopped while the first workers were starting (the newest checkpoint, if any, stands)")
         if not ready:
             raise TrainerError(f"no worker started within {STARTUP_TIMEOUT_S:.0f} s; is there capacity on the cluster?")
         dataset_len = ready[0].info["dataset_len"]
@@ -367,8 +427,11 @@ class ElasticTrainer:
                 if self._consecutive_skips >= spec.failure.max_consecutive_skipped_steps:
                     raise TrainerError(f"{self._consecutive_skips} steps in a row had non-finite gradients "
                                        "(failure.max_consecutive_skipped_steps); lower the learning rate")
-            evaluation = self.group.evaluate()
-            self._checkpoint()
+            # Stopped by a signal: the checkpoint first, and no evaluation, which may take longer than
+            # the grace period left (Kubernetes: 30 s by default); the next run evaluates.
+            evaluation = {} if self._stop_signal is not None else self.group.evaluate()
+            if self.group.size > 0:
+                self._checkpoint()
             for missed in self.missed_schedule_steps():
                 logger.warning("schedule step %d (%d workers at %s) never happened: %s", missed["step"],
                                missed["workers"], f"tau {missed['at_progress']:g}" if missed["at_progress"] is not None
@@ -390,6 +453,50 @@ class ElasticTrainer:
             if controller is not None:
                 controller.join(timeout=10)
         return self._summary(evaluation)
+
+    # ---------------------------------------------------------------- starting
+    def _startable_workers(self) -> int:
+        """``workers.initial``, or fewer when the cluster has room for fewer (said once, with the reason
+        the actuator logged); a cluster without room for ``workers.min`` fails at once.
+
+        Raises:
+            BackendError: the cluster cannot host ``workers.min`` workers (the CLI exits 2).
+        """
+        from elastic.backends import BackendError
+
+        from controller.actuators.base import ActuationError
+
+        spec = self.spec
+        try:
+            capacity = self.backend.actuator.capacity_workers()
+        except ActuationError as exc:  # unknown room: start as asked, as the controller will retry
+            logger.warning("starting workers.initial=%d without knowing the cluster's room: %s", spec.workers.initial, exc)
+            return spec.workers.initial
+        if capacity < spec.workers.min:
+            raise BackendError(f"cluster: room for {capacity} worker(s) of {self.backend.worker_actor_options()}, "
+                               f"fewer than workers.min={spec.workers.min}; free or add capacity, or lower workers.min")
+        if capacity < spec.workers.initial:
+            logger.warning("starting %d worker(s), not workers.initial=%d: the cluster has room for %d",
+                           capacity, spec.workers.initial, capacity)
+            with self._lock:
+                self._target = capacity
+            return capacity
+        return spec.workers.initial
+
+    def _wait_ready_or_stop(self, count: int) -> list:
+        """The first workers, waited for in short slices so that a stop request is heard at once."""
+        started = time.monotonic()
+        deadline = started + STARTUP_TIMEOUT_S
+        said = False
+        ready = self.group.poll_ready()
+        while len(ready) < count and time.monotonic() < deadline and not self._stop.is_set() and self.group.pending:
+            ready = self.group.wait_ready(count, min(1.0, max(0.0, deadline - time.monotonic())))
+            if not said and time.monotonic() - started > STARTUP_NOTICE_S:
+                said = True
+                logger.warning("%d of %d worker(s) not started after %.0f s (placed and importing the task); "
+                               "waiting up to %.0f s: is the cluster's room taken by other jobs? Ctrl-C stops",
+                               count - len(ready), count, STARTUP_NOTICE_S, STARTUP_TIMEOUT_S)
+        return ready
 
     # ---------------------------------------------------------------- steps per call
     def _median_step_s(self, world: int) -> float | None:
@@ -589,6 +696,11 @@ class ElasticTrainer:
                     from_workers, to_workers, direction, cause, event.progress, pause_s)
 
     def _record_failure(self, outcome, world: int) -> None:
+        if self._stop_signal is not None:
+            # Whoever signalled the driver may be tearing the workers down too (a pod's SIGTERM, a
+            # terminal's Ctrl-C reaches the whole process group): not a failure of the job.
+            logger.info("lost %s while stopping", ", ".join(outcome.lost_workers))
+            return
         lost = len(outcome.lost_workers)
         self._failures += lost
         self.metrics.record_failure(lost)
@@ -617,7 +729,8 @@ class ElasticTrainer:
             "worker": worker_state,
             "sampler": self.sampler.state_dict(),
             "trainer": {"steps": self._steps, "skipped": self._skipped, "progress": float(self._last.get("progress", 0.0)),
-                        "workers": self.group.size, "failures": self._failures},
+                        "workers": self.group.size, "failures": self._failures, "run_id": self.run_id,
+                        "elapsed_s": self._elapsed_before_s + time.monotonic() - self._started_s},
         }
         path = self.checkpoints.save(self._steps, state)
         self.metrics.record_checkpoint(time.perf_counter() - started)
@@ -630,6 +743,12 @@ class ElasticTrainer:
             return None
         step, state = loaded
         logger.info("resuming from checkpoint step %d (tau %.1f)", step, state["trainer"]["progress"])
+        owner = state["trainer"].get("run_id")
+        if owner and owner != self.run_id:
+            logger.warning("checkpoint step %d was written by run %s, not this run (%s)", step, owner, self.run_id)
+        if self._resumed_from_step is None:  # the first load of this process: what --resume continued
+            self._resumed_from_step = step
+            self._elapsed_before_s = float(state["trainer"].get("elapsed_s", 0.0))
         return state
 
     def _restore(self, state: dict[str, Any]) -> None:
@@ -646,8 +765,12 @@ class ElasticTrainer:
         log = self.run_dir / "metrics.jsonl" if self.spec.metrics.log else None
         self.metrics = TrainerMetrics(self.spec.name, registry=registry, log_path=log)
         self.controller_metrics = ControllerMetrics(self.spec.name, registry=registry, log_path=log)
+        if log is not None:  # the run this log belongs to (and, after a resume, where the attempt starts)
+            with log.open("a", encoding="utf-8") as f:
+                f.write(json.dumps({"kind": "run", "time_s": time.time(), "job_name": self.spec.name,
+                                    "run_id": self.run_id, "resume": self.resume}) + "\n")
         if self.spec.metrics.enabled:
-            self._exporter = start_exporter(registry, self.spec.metrics.addr, self.spec.metrics.port)
+            self._exporter = _start_exporter_or_free_port(registry, self.spec.metrics)
             logger.info("metrics at %s", self._exporter.url)
 
     def _start_controller(self, stop: threading.Event) -> threading.Thread | None:
@@ -693,13 +816,35 @@ class ElasticTrainer:
             metrics_url=self._exporter.url if self._exporter is not None else None,
             stopped_early=self._last.get("progress", 0.0) < self.spec.total_progress,
             extra={"abandoned_steps": self._abandoned_steps, "missed_schedule_steps": self.missed_schedule_steps()},
+            run_id=self.run_id, stop_signal=self._stop_signal, resumed_from_step=self._resumed_from_step,
+            total_elapsed_s=self._elapsed_before_s + time.monotonic() - self._started_s,
         )
 
 
+def _start_exporter_or_free_port(registry: Any, settings) -> Any:
+    """The exporter on ``metrics.port``; when that is the default port (not set in the spec) and
+    taken, e.g. by a second job on this machine, on a free port instead."""
+    from elastic.metrics import MetricsError
+
+    try:
+        return start_exporter(registry, settings.addr, settings.port)
+    except MetricsError as exc:
+        if "port" in settings.model_fields_set or settings.port == 0 or "already in use" not in str(exc):
+            raise
+        logger.warning("metrics port %d is taken (%s); serving on a free port", settings.port, exc)
+        return start_exporter(registry, settings.addr, 0)
+
+
+#: Signals that stop a run at the next step boundary (SIGTERM: what Kubernetes sends a pod).
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+
 @contextlib.contextmanager
-def _first_interrupt_stops(stop: threading.Event):
-    """In the main thread: the first Ctrl-C asks for a stop at the next call boundary (evaluate,
-    checkpoint, summary) instead of breaking into a call; a second one interrupts as usual."""
+def _first_interrupt_stops(stop: threading.Event, on_signal: Callable[[int], None] | None = None):
+    """In the main thread: the first SIGINT or SIGTERM asks for a stop at the next call boundary
+    (checkpoint, summary) instead of breaking into a call; a second one interrupts at once
+    (KeyboardInterrupt). The handlers are installed even where SIGINT is ignored, as in a driver
+    started in the background by a non-interactive shell (``elastic run job.yaml &``)."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
@@ -707,14 +852,18 @@ def _first_interrupt_stops(stop: threading.Event):
     def on_interrupt(signum, frame):
         if stop.is_set():
             raise KeyboardInterrupt
-        logger.warning("interrupted: stopping at the next step boundary with a checkpoint (Ctrl-C again to abort)")
+        if on_signal is not None:
+            on_signal(signum)
+        logger.warning("%s: stopping at the next step boundary with a checkpoint (again to abort)",
+                       signal.Signals(signum).name)
         stop.set()
 
-    previous = signal.signal(signal.SIGINT, on_interrupt)
+    previous = {signum: signal.signal(signum, on_interrupt) for signum in STOP_SIGNALS}
     try:
         yield
     finally:
-        signal.signal(signal.SIGINT, previous)
+        for signum, handler in previous.items():
+            signal.signal(signum, handler if handler is not None else signal.SIG_DFL)
 
 
 class _ProgressDisplay:
@@ -730,8 +879,7 @@ class _ProgressDisplay:
         self.enabled = enabled
         self._live = None
         self._last_log = 0.0
-        self._started = time.monotonic()
-        self._last_samples = 0
+        self._recent: collections.deque[tuple[float, int]] = collections.deque()  # (time, samples consumed)
         if enabled and self.console.is_terminal:
             from rich.live import Live
 
@@ -741,15 +889,26 @@ class _ProgressDisplay:
     def update(self, last: dict[str, Any], workers: int, samples: int) -> None:
         if not self.enabled:
             return
-        elapsed = time.monotonic() - self._started
+        rate = self.recent_rate(time.monotonic(), samples)
         line = (f"tau {last['progress']:8.1f}/{self.total:g}  workers {workers}  scale {last['scale']:g}  "
                 f"gain {last['gain']:5.2f}  lr {last['learning_rate']:.4g}  loss {last['loss']:.4f}  "
-                f"{samples / max(elapsed, 1e-9):7.0f} samples/s")
+                + (f"{rate:7.0f} samples/s" if rate is not None else "    ... samples/s"))
         if self._live is not None:
             self._live.update(line)
         elif time.monotonic() - self._last_log >= self.LOG_EVERY_S:
             self._last_log = time.monotonic()
             logger.info(line)
+
+    RATE_WINDOW_S = 10.0
+
+    def recent_rate(self, now_s: float, samples: int) -> float | None:
+        """Samples per second over about the last ``RATE_WINDOW_S`` (None until two updates): counted
+        from this process's first update, so a resumed run's restored count never enters the rate."""
+        self._recent.append((now_s, samples))
+        while len(self._recent) > 2 and now_s - self._recent[1][0] >= self.RATE_WINDOW_S:
+            self._recent.popleft()
+        (t0, n0), (t1, n1) = self._recent[0], self._recent[-1]
+        return (n1 - n0) / (t1 - t0) if t1 > t0 else None
 
     def close(self) -> None:
         if self._live is not None:

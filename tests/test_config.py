@@ -180,7 +180,7 @@ MALFORMED = [
     ({"seed": "abc"}, "seed: must be a valid integer (got 'abc')"),
     ({"task_args": [1, 2]}, "task_args: must be a mapping of keys to values (got [1, 2])"),
     ({"run_dir": ""}, "run_dir: must not be empty (got '')"),
-    ({"frobnicate": 1}, "frobnicate: unknown key; allowed keys: accumulation_steps, adascale, batch_size_per_worker, checkpoint, cluster, failure, lr_schedule, metrics, name, optimizer, run_dir, scaling, seed, task, task_args, total_progress, workers"),
+    ({"frobnicate": 1}, "frobnicate: unknown key; allowed keys: accumulation_steps, adascale, batch_size_per_worker, checkpoint, cluster, failure, lr_schedule, metrics, name, optimizer, run_dir, runtime_env, scaling, seed, task, task_args, total_progress, workers"),
 ]
 
 

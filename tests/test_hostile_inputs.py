@@ -156,9 +156,9 @@ CASES: list[Case] = [
          what="run_dir under a regular file"),
     Case("cluster-address-unreachable", "cluster.address: cannot reach 127.0.0.1:{closed_port} (Connection refused)",
          args=("--cluster-address", "127.0.0.1:{closed_port}"), what="--cluster-address 127.0.0.1:CLOSED"),
-    Case("ray-client-address-unreachable", "cluster.address: cannot reach 127.0.0.1:{closed_port}",
+    Case("ray-client-address", "is a Ray Client address, which elastic does not support",
          {"cluster": {"backend": "ray", "address": "ray://127.0.0.1:{closed_port}"}},
-         what="cluster.address: ray://127.0.0.1:CLOSED"),
+         what="cluster.address: ray://127.0.0.1:CLOSED (refused before connecting)"),
     # -- the command line
     Case("set-without-equals", "override 'workers.max': expected KEY=VALUE", args=("--set", "workers.max"),
          what="--set workers.max"),

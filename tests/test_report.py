@@ -83,3 +83,18 @@ def test_corrupt_middle_line_names_the_line(tmp_path):
     (tmp_path / "metrics.jsonl").write_text(f"{good}\nnot json\n{good}\n")
     with pytest.raises(ReportError, match="line 2 is not JSON"):
         draw_report(tmp_path)
+
+
+def test_run_ids_name_the_run_and_expose_a_mixed_log(tmp_path):
+    from elastic.report import run_ids
+
+    log_path = tmp_path / "metrics.jsonl"
+    log_path.write_text('{"kind":"run","time_s":1.0,"run_id":"r1","resume":false}\n')
+    write_synthetic_run(tmp_path, steps=5)
+    with log_path.open("a") as f:
+        f.write('{"kind":"run","time_s":1700000009.0,"run_id":"r1","resume":true}\n')
+    assert run_ids(read_log(log_path)) == ["r1"]  # a resumed run is still one run
+    with log_path.open("a") as f:
+        f.write('{"kind":"run","time_s":1700000010.0,"run_id":"r2","resume":false}\n')
+    assert run_ids(read_log(log_path)) == ["r1", "r2"]
+    assert draw_report(tmp_path).read_bytes().startswith(PNG_MAGIC)

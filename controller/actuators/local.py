@@ -11,12 +11,15 @@ thread through :class:`MainThreadExecutor` (the trainer serves it while training
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import logging
 import os
 import queue
+import signal
 import threading
 import time
-from typing import Any, Callable, Sequence
+from pathlib import Path
+from typing import Any, Callable, Iterator, Sequence
 
 from controller.actuators.base import WORKER_RESOURCE, ActuationError
 
@@ -38,6 +41,56 @@ def local_ray_environment(loopback: bool = True) -> None:
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     # Workers are CPU-bound torch processes on a small machine: one thread each unless told otherwise.
     os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+
+@contextlib.contextmanager
+def preserved_file(path: Path) -> Iterator[None]:
+    """Puts ``path`` back as it was (content, or absent) after the block.
+
+    ``ray.cluster_utils.Cluster`` writes its address into Ray's ``ray_current_cluster`` file when it
+    starts and deletes that file when it shuts down; that file is what ``ray.init(address="auto")``
+    and ``elastic run`` with ``cluster.address: auto`` connect to. An embedded cluster that is private
+    to one job must neither become another job's "auto" cluster nor erase the address of a cluster
+    that someone started with ``ray start``.
+    """
+    path = Path(path)
+    try:
+        before: bytes | None = path.read_bytes()
+    except OSError:
+        before = None
+    try:
+        yield
+    finally:
+        try:
+            if before is None:
+                path.unlink(missing_ok=True)
+            elif not path.exists() or path.read_bytes() != before:
+                path.write_bytes(before)
+        except OSError as exc:
+            logger.warning("could not restore %s: %s", path, exc)
+
+
+def ray_address_file() -> Path:
+    """Ray's ``ray_current_cluster`` file for the default temp directory."""
+    from ray._common.utils import get_ray_address_file
+
+    return Path(get_ray_address_file(None))
+
+
+@contextlib.contextmanager
+def kept_signal_handlers(*signums: int) -> Iterator[None]:
+    """Starting a Ray node in this process installs Ray's SIGTERM handler (kill the node's processes,
+    exit 1); the trainer's own handler (stop at a step boundary, checkpoint) must stay in place."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    saved = {s: signal.getsignal(s) for s in signums}
+    try:
+        yield
+    finally:
+        for signum, handler in saved.items():
+            if handler is not None:
+                signal.signal(signum, handler)
 
 
 class MainThreadExecutor:
@@ -82,11 +135,12 @@ class LocalRayCluster:
     """
 
     def __init__(self, num_cpus_per_worker: float = 1.0, max_workers: int = 4, temp_dir: str | None = None,
-                 gpus_per_worker: int = 0) -> None:
+                 gpus_per_worker: int = 0, runtime_env: dict[str, Any] | None = None) -> None:
         self.num_cpus_per_worker = num_cpus_per_worker
         self.gpus_per_worker = gpus_per_worker
         self.max_workers = max_workers
         self.temp_dir = temp_dir
+        self.runtime_env = runtime_env or None
         self.executor = MainThreadExecutor()
         self._cluster: Any = None
         self._nodes: dict[str, Any] = {}  # node id (hex) -> ray._private.node.Node
@@ -109,8 +163,10 @@ class LocalRayCluster:
         head_args: dict[str, Any] = {"num_cpus": 0, "include_dashboard": False}
         if self.temp_dir:
             head_args["temp_dir"] = self.temp_dir
-        self._cluster = Cluster(initialize_head=True, head_node_args=head_args)
-        ray.init(address=self._cluster.address, logging_level="WARNING", log_to_driver=True)
+        with preserved_file(ray_address_file()), kept_signal_handlers(signal.SIGTERM, signal.SIGINT):
+            self._cluster = Cluster(initialize_head=True, head_node_args=head_args)
+            ray.init(address=self._cluster.address, logging_level="WARNING", log_to_driver=True,
+                     runtime_env=self.runtime_env)
         for _ in range(initial_workers):
             self._add_node()
         logger.info("local Ray cluster up at %s with %d worker nodes in %.1f s",
@@ -122,7 +178,8 @@ class LocalRayCluster:
         if self._cluster is None:
             return
         ray.shutdown()
-        self._cluster.shutdown()
+        with preserved_file(ray_address_file()):
+            self._cluster.shutdown()
         self._cluster = None
         self._nodes.clear()
 
@@ -146,8 +203,9 @@ class LocalRayCluster:
         return True
 
     def _add_node(self) -> str:
-        node = self._cluster.add_node(num_cpus=self.num_cpus_per_worker, num_gpus=self.gpus_per_worker,
-                                      resources={SLOT_RESOURCE: 1})
+        with kept_signal_handlers(signal.SIGTERM, signal.SIGINT):
+            node = self._cluster.add_node(num_cpus=self.num_cpus_per_worker, num_gpus=self.gpus_per_worker,
+                                          resources={SLOT_RESOURCE: 1})
         with self._lock:
             self._nodes[node.node_id] = node
         logger.info("local: added node %s (%d worker nodes)", node.node_id[:8], len(self._nodes))
