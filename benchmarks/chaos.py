@@ -108,7 +108,7 @@ def scenario_driver(base: Path):
                  "workers": {"min": 1, "max": 2, "initial": 2}, "checkpoint": {"every_steps": 40},
                  "metrics": {"enabled": False}})
     job.write_text(yaml.safe_dump(spec))
-    cmd = [sys.executable, "-m", "elastic.cli", "run", str(job), "--ledger", "--quiet"]
+    cmd = [sys.executable, "-m", "elastic_app.cli", "run", str(job), "--ledger", "--quiet"]
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     first = subprocess.Popen(cmd, cwd=ROOT, env=env, start_new_session=True,
                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)

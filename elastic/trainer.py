@@ -162,7 +162,7 @@ class ElasticTrainer:
             run_lock.release()
 
     def _run_locked(self, record, notes: list[str]) -> RunSummary:
-        from elastic.backends import make_backend
+        from controller.backends import make_backend
 
         self.run_id = record.run_id
         try:
@@ -462,7 +462,7 @@ class ElasticTrainer:
         Raises:
             BackendError: the cluster cannot host ``workers.min`` workers (the CLI exits 2).
         """
-        from elastic.backends import BackendError
+        from controller.backends import BackendError
 
         from controller.actuators.base import ActuationError
 

@@ -59,7 +59,7 @@ def _run(tmp_path: Path, address: str, workers: dict, **changes) -> subprocess.C
     spec.update(changes)
     (tmp_path / "job.yaml").write_text(yaml.safe_dump(spec))
     env = {**os.environ, "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0", "COLUMNS": "400"}
-    return subprocess.run([sys.executable, "-m", "elastic.cli", "run", str(tmp_path / "job.yaml"), "--quiet"],
+    return subprocess.run([sys.executable, "-m", "elastic_app.cli", "run", str(tmp_path / "job.yaml"), "--quiet"],
                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=150)
 
 

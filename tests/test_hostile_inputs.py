@@ -1,6 +1,6 @@
 """Hostile input: malformed job specs and environments end in one line and exit code 2, never a traceback.
 
-Every CLI case runs ``python -m elastic.cli run JOB`` (or ``validate`` / ``report``) in a fresh
+Every CLI case runs ``python -m elastic_app.cli run JOB`` (or ``validate`` / ``report``) in a fresh
 subprocess, as a user would. The subprocesses start in parallel in one module-scoped fixture (each
 needs a few seconds of imports on this machine); every case is then checked in its own test:
 
@@ -220,7 +220,7 @@ def _command(case: Case, case_dir: Path, env: dict[str, str]) -> list[str]:
         job = str(case_dir / "job.yaml")
         text = case.text if case.text is not None else yaml.safe_dump(_spec(case.changes, env), sort_keys=False)
         Path(job).write_text(text)
-    return [sys.executable, "-m", "elastic.cli", case.command, job, *(_fill(a, env) for a in case.args)]
+    return [sys.executable, "-m", "elastic_app.cli", case.command, job, *(_fill(a, env) for a in case.args)]
 
 
 @dataclass(frozen=True)
@@ -384,7 +384,7 @@ def test_elasticjob_rejected_by_the_crd(case_id):
 
 
 def test_preflight_in_process():
-    from elastic.cli import preflight
+    from elastic_app.cli import preflight
     from elastic.config import parse_job_spec
     from elastic.task import TaskError
 
@@ -410,13 +410,13 @@ def test_preflight_in_process():
     ("head:port", None),
 ])
 def test_host_port(address, expected):
-    from elastic.backends import host_port
+    from controller.backends import host_port
 
     assert host_port(address) == expected
 
 
 def test_check_reachable(ports):
-    from elastic.backends import BackendError, check_reachable
+    from controller.backends import BackendError, check_reachable
 
     busy, closed = ports
     check_reachable(f"127.0.0.1:{busy}")  # something listens: no error

@@ -37,7 +37,7 @@ def test_raycluster_is_sized_for_the_job():
 def test_one_training_worker_per_worker_pod():
     """Each worker pod offers one elastic_worker; each rank asks for one, on KubeRay and locally."""
     from controller.actuators.local import LocalRayCluster
-    from elastic.backends import RayBackend
+    from controller.backends import RayBackend
 
     (group,) = builders.build_raycluster(sample_job(), "elastic-driver")["spec"]["workerGroupSpecs"]
     offered = json.loads(group["rayStartParams"]["resources"].strip("'"))  # KubeRay's own quoting for `ray start`

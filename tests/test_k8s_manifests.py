@@ -331,7 +331,7 @@ def test_sample_raycluster_matches_the_worker_group_contract():
     assert group["groupName"] == WORKER_GROUP
     assert group["minReplicas"] <= group["replicas"] <= group["maxReplicas"]
     assert raycluster["spec"]["enableInTreeAutoscaling"] is False  # only one controller resizes the group
-    # Ranks ask for one elastic_worker each (elastic.backends): without it nothing would schedule.
+    # Ranks ask for one elastic_worker each (controller.backends): without it nothing would schedule.
     assert json.loads(group["rayStartParams"]["resources"].strip("'")) == {WORKER_RESOURCE: 1}
     for template in pod_templates(raycluster):
         assert template["spec"]["securityContext"]["seccompProfile"] == {"type": "RuntimeDefault"}

@@ -70,7 +70,7 @@ def test_released_pods_are_bounded_to_the_newest():
 
 def test_the_driver_path_never_imports_kopf_or_the_handlers():
     """A driver pod runs `elastic run`; it must not load the operator (kopf, its handlers)."""
-    probe = ("import sys, elastic, elastic.cli, elastic.trainer, controller.operator_link, controller.k8s.contract; "
+    probe = ("import sys, elastic, elastic_app.cli, elastic.trainer, controller.operator_link, controller.k8s.contract; "
              "print(sorted(m for m in sys.modules if m.split('.')[0] == 'kopf' "
              "or m in ('controller.k8s.handlers', 'controller.k8s_operator')))")
     out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120,
@@ -83,7 +83,7 @@ def test_a_driver_with_a_bad_job_resource_gets_one_line(tmp_path):
     """`elastic run` in a driver whose ELASTIC_JOB_RESOURCE is not 'namespace/name': one line, no traceback."""
     root = Path(__file__).resolve().parents[1]
     env = {**os.environ, "ELASTIC_JOB_RESOURCE": "digits", "RAY_AUTH_MODE": "disabled"}
-    out = subprocess.run([sys.executable, "-m", "elastic.cli", "run", str(root / "examples" / "quickstart.yaml"),
+    out = subprocess.run([sys.executable, "-m", "elastic_app.cli", "run", str(root / "examples" / "quickstart.yaml"),
                           "--set", f"run_dir={tmp_path / 'run'}", "--quiet"],
                          capture_output=True, text=True, timeout=300, cwd=tmp_path, env=env)
     assert out.returncode != 0

@@ -174,7 +174,7 @@ metrics: {{enabled: false}}
 """)
     started = time.monotonic()
     env = {**os.environ, "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0"}
-    out = subprocess.run([sys.executable, "-m", "elastic.cli", "run", str(job), "--quiet"], cwd=ROOT, env=env,
+    out = subprocess.run([sys.executable, "-m", "elastic_app.cli", "run", str(job), "--quiet"], cwd=ROOT, env=env,
                          capture_output=True, text=True, timeout=120)
     assert out.returncode == 2, out.stderr[-2000:]
     errors = [line for line in out.stderr.splitlines() if line.startswith("error:")]
@@ -184,7 +184,7 @@ metrics: {{enabled: false}}
     assert (run_dir / "checkpoints" / "ckpt-00000400.pt").exists()
 
     # --start-over: the old run goes aside (kept), a new run completes in the directory.
-    out = subprocess.run([sys.executable, "-m", "elastic.cli", "run", str(job), "--quiet", "--start-over"], cwd=ROOT,
+    out = subprocess.run([sys.executable, "-m", "elastic_app.cli", "run", str(job), "--quiet", "--start-over"], cwd=ROOT,
                          env={**env, "COLUMNS": "400"}, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
     (aside,) = [p for p in tmp_path.iterdir() if p.name.startswith("run.old-")]

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from elastic.backends import BackendError, check_address, task_code_root, worker_runtime_env
+from controller.backends import BackendError, check_address, task_code_root, worker_runtime_env
 from elastic.config import ConfigError, parse_job_spec
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -112,7 +112,7 @@ def test_ray_client_address_fails_fast_on_the_cli(tmp_path):
         "name: client\ntask: examples.digits:DigitsTask\nbatch_size_per_worker: 8\ntotal_progress: 10\n"
         "optimizer: {name: sgd, lr: 0.1}\ncluster: {backend: ray, address: 'ray://127.0.0.1:1'}\n")
     for command in ("run", "validate"):
-        out = subprocess.run([sys.executable, "-m", "elastic.cli", command, str(tmp_path / "job.yaml")], cwd=ROOT,
+        out = subprocess.run([sys.executable, "-m", "elastic_app.cli", command, str(tmp_path / "job.yaml")], cwd=ROOT,
                              capture_output=True, text=True, timeout=120)
         assert out.returncode == 2 and out.stderr.count("error:") == 1 and "Ray Client" in out.stderr, out.stderr
 

@@ -61,7 +61,7 @@ def test_the_address_file_is_put_back(tmp_path):
 
 def test_auto_finds_only_a_recorded_cluster(tmp_path):
     """Ray's own `auto` falls back to any GCS process on the machine -- another job's embedded cluster."""
-    from elastic.backends import BackendError, resolve_address
+    from controller.backends import BackendError, resolve_address
 
     recorded = tmp_path / "ray_current_cluster"
     with pytest.raises(BackendError, match="auto found no Ray cluster started with `ray start`"):
@@ -110,7 +110,7 @@ def _trainer(tmp_path: Path, capacity: int) -> ElasticTrainer:
 
 
 def test_start_uses_the_room_there_is_and_fails_fast_below_min(tmp_path, caplog):
-    from elastic.backends import BackendError
+    from controller.backends import BackendError
 
     trainer = _trainer(tmp_path, capacity=3)
     with caplog.at_level("WARNING"):

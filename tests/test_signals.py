@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from elastic.cli import exit_code_for_signal
+from elastic_app.cli import exit_code_for_signal
 from elastic.trainer import _first_interrupt_stops
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -82,7 +82,7 @@ def test_sigterm_and_background_sigint_stop_with_a_checkpoint_and_exit_codes(tmp
     job = _job(tmp_path)
     run_dir = tmp_path / "run"
     env = {**os.environ, "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0", "COLUMNS": "400"}
-    cmd = [sys.executable, "-m", "elastic.cli", "run", str(job), "--quiet"]
+    cmd = [sys.executable, "-m", "elastic_app.cli", "run", str(job), "--quiet"]
 
     # 1. SIGTERM to the driver alone, as Kubernetes sends it to a pod's main process.
     first = subprocess.Popen(cmd, cwd=ROOT, env=env, start_new_session=True, stdout=subprocess.PIPE,
@@ -155,7 +155,7 @@ def test_a_finished_run_resumed_again_exits_0_without_a_cluster(tmp_path):
     RunRecord("20260101-000000-abcdef", "signals", status="finished", progress=503.2, total_progress=500,
               checkpoint_step=120, steps=120).write(run_dir)
     env = {**os.environ, "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0", "COLUMNS": "400"}
-    out = subprocess.run([sys.executable, "-m", "elastic.cli", "run", str(job), "--resume"], cwd=ROOT, env=env,
+    out = subprocess.run([sys.executable, "-m", "elastic_app.cli", "run", str(job), "--resume"], cwd=ROOT, env=env,
                          capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr[-2000:]
     assert "already finished at tau 503.2 / 500" in out.stdout

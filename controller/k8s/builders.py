@@ -153,7 +153,7 @@ def build_raycluster(job: ElasticJob, service_account: str) -> dict[str, Any]:
                 "replicas": job.initial_workers,
                 "minReplicas": job.min_workers,
                 "maxReplicas": job.max_workers,
-                # One unit per pod; the worker actor asks for one (elastic.backends): one rank per pod,
+                # One unit per pod; the worker actor asks for one (controller.backends): one rank per pod,
                 # whatever Ray's num-cpus (KubeRay sets it from the CPU limit). Quoted for `ray start`.
                 "rayStartParams": {"resources": f"'{json.dumps({WORKER_RESOURCE: 1})}'"},
                 "template": {"metadata": {"labels": labels(job.name, "worker")}, "spec": worker_pod},

@@ -120,7 +120,7 @@ def _cmd_validate(args: argparse.Namespace) -> int:
     if not errors:
         from elastic.task import TaskError  # imports torch
 
-        from elastic.backends import BackendError, check_address
+        from controller.backends import BackendError, check_address
 
         spec = load_job_spec(args.job, overrides)
         try:
@@ -199,7 +199,7 @@ def _check_run_dir(spec) -> None:
 def _add_task_paths(job: str) -> None:
     """Makes a task module beside the job file, or in the current directory, importable here as
     ``python -m`` would (the ``elastic`` script's own directory is what Python puts first); the
-    workers get the same directory through the job's runtime_env (elastic.backends)."""
+    workers get the same directory through the job's runtime_env (controller.backends)."""
     for directory in (os.getcwd(), str(Path(job).resolve().parent)):
         if directory not in sys.path:
             sys.path.insert(0 if directory == os.getcwd() else len(sys.path), directory)
@@ -218,7 +218,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
         return _fail(str(exc), EXIT_BAD_INPUT)
     _add_task_paths(args.job)
 
-    from elastic.backends import BackendError, check_address
+    from controller.backends import BackendError, check_address
     from elastic.task import TaskError  # imports torch
 
     try:
