@@ -47,13 +47,13 @@ def _failure_pauses(summary) -> str:
 
 
 def scenario_kills(base: Path):
-    from elastic.trainer import ElasticTrainer
+    from elastic_app.wiring import make_trainer
 
     run_dir = base / "kills"
     chaos = KillAtSteps([100, 400, 700])
     # Four workers: each kill finds a second worker without waiting for a regrow (steps run in
     # calls of several, so a stretch at one worker would pass before a replacement is warm).
-    s = ElasticTrainer(digits_spec(run_dir, total_progress=3000, **{"workers.initial": 4, "workers.max": 4}),
+    s = make_trainer(digits_spec(run_dir, total_progress=3000, **{"workers.initial": 4, "workers.max": 4}),
                        ledger=True, on_step=chaos, show_progress=False).run()
     lost, samples = _ledger_verdict(run_dir)
     return ("SIGKILL a worker mid-call, 3 times in one run",
@@ -63,7 +63,7 @@ def scenario_kills(base: Path):
 
 
 def scenario_node(base: Path):
-    from elastic.trainer import ElasticTrainer
+    from elastic_app.wiring import make_trainer
 
     run_dir = base / "node"
     state = {}
@@ -74,7 +74,7 @@ def scenario_node(base: Path):
             threading.Timer(0.004, trainer.backend.cluster.remove_node, (state["node"], False)).start()
 
     spec = digits_spec(run_dir, total_progress=2500, **{"workers.initial": 2, "workers.max": 2, "scaling.policy": "available"})
-    s = ElasticTrainer(spec, ledger=True, on_step=remove, show_progress=False).run()
+    s = make_trainer(spec, ledger=True, on_step=remove, show_progress=False).run()
     lost, _ = _ledger_verdict(run_dir)
     return ("Remove a Ray node mid-step", "cluster_utils remove_node(allow_graceful=False) of a worker's node",
             f"worker died with its node; controller re-added capacity; final workers {s.final_workers}",
@@ -82,12 +82,12 @@ def scenario_node(base: Path):
 
 
 def scenario_all_lost(base: Path):
-    from elastic.trainer import ElasticTrainer
+    from elastic_app.wiring import make_trainer
 
     run_dir = base / "all"
     chaos = KillAtSteps([140], every_worker=True)
     spec = digits_spec(run_dir, total_progress=1500, **{"workers.initial": 2, "checkpoint.every_steps": 25})
-    s = ElasticTrainer(spec, ledger=True, on_step=chaos, show_progress=False).run()
+    s = make_trainer(spec, ledger=True, on_step=chaos, show_progress=False).run()
     log = (run_dir / "train.log").read_text().splitlines()
     stamps = [_stamp(line) for key in ("lost every worker", "resumed with") for line in log if key in line][:2]
     recover = f"{stamps[1] - stamps[0]:.1f}" if len(stamps) == 2 else "-"
@@ -132,17 +132,17 @@ def scenario_driver(base: Path):
 
 
 def scenario_corrupt(base: Path):
-    from elastic.trainer import ElasticTrainer
+    from elastic_app.wiring import make_trainer
 
     run_dir = base / "corrupt"
     spec = digits_spec(run_dir, total_progress=400, **{"workers.initial": 1, "checkpoint.every_steps": 50})
-    ElasticTrainer(spec, show_progress=False).run()
+    make_trainer(spec, show_progress=False).run()
     newest = sorted((run_dir / "checkpoints").glob("ckpt-*.pt"))[-1]
     data = bytearray(newest.read_bytes())
     data[len(data) // 2] ^= 0xFF
     newest.write_bytes(bytes(data))
     spec2 = digits_spec(run_dir, total_progress=600, **{"workers.initial": 1, "checkpoint.every_steps": 50})
-    s = ElasticTrainer(spec2, resume=True, show_progress=False).run()
+    s = make_trainer(spec2, resume=True, show_progress=False).run()
     log = (run_dir / "train.log").read_text()
     warn = next((line.split(": ", 1)[1] for line in log.splitlines() if "skipping checkpoint" in line), "?")
     return ("Corrupt the newest checkpoint", "flip one byte in the middle of ckpt-00000400.pt, then resume",
@@ -151,12 +151,12 @@ def scenario_corrupt(base: Path):
 
 
 def scenario_nan(base: Path):
-    from elastic.trainer import ElasticTrainer
+    from elastic_app.wiring import make_trainer
 
     run_dir = base / "nan"
     spec = digits_spec(run_dir, total_progress=800, task="tests.chaos_tasks:PoisonedDigitsTask",
                        task_args={"poison": [5, 700, 1300]}, **{"workers.initial": 2})
-    s = ElasticTrainer(spec, ledger=True, show_progress=False).run()
+    s = make_trainer(spec, ledger=True, show_progress=False).run()
     lost, _ = _ledger_verdict(run_dir)
     return ("NaN gradients", "3 training samples are NaN images: any batch holding one has a NaN loss on one rank",
             f"{s.skipped_steps} steps skipped on every rank, counted in elastic_skipped_steps_total; estimates and tau untouched",

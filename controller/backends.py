@@ -19,6 +19,9 @@ from typing import Any
 from elastic.config import JobSpec
 
 
+logger = logging.getLogger(__name__)
+
+
 class BackendError(RuntimeError):
     """The cluster could not be reached or started (one-line message)."""
 
@@ -170,6 +173,22 @@ def worker_runtime_env(spec: JobSpec, code_root: Path | None) -> dict[str, Any]:
     return env
 
 
+def startable_workers(backend: Any, minimum: int, initial: int) -> int:
+    """How many of ``initial`` workers the cluster has room for now; BackendError below ``minimum``.
+    When the actuator cannot tell, ``initial`` (the controller retries later)."""
+    from controller.actuators.base import ActuationError
+
+    try:
+        capacity = backend.actuator.capacity_workers()
+    except ActuationError as exc:
+        logger.warning("starting workers.initial=%d without knowing the cluster's room: %s", initial, exc)
+        return initial
+    if capacity < minimum:
+        raise BackendError(f"cluster: room for {capacity} worker(s) of {backend.worker_actor_options()}, "
+                           f"fewer than workers.min={minimum}; free or add capacity, or lower workers.min")
+    return min(capacity, initial)
+
+
 class LocalBackend:
     needs_main_thread = True
 
@@ -186,6 +205,9 @@ class LocalBackend:
 
     def serve(self, done: threading.Event) -> None:
         self.cluster.executor.serve(done)
+
+    def startable_workers(self, minimum: int, initial: int) -> int:
+        return startable_workers(self, minimum, initial)
 
     def worker_actor_options(self) -> dict[str, Any]:
         return self.cluster.worker_actor_options()
@@ -239,6 +261,9 @@ class RayBackend:
     def serve(self, done: threading.Event) -> None:  # pragma: no cover - not used (no main-thread work)
         done.wait()
 
+    def startable_workers(self, minimum: int, initial: int) -> int:
+        return startable_workers(self, minimum, initial)
+
     def worker_actor_options(self) -> dict[str, Any]:
         c = self.spec.cluster
         options: dict[str, Any] = {"num_cpus": c.num_cpus_per_worker, "num_gpus": 1 if c.use_gpu else 0}
@@ -261,7 +286,7 @@ class RayBackend:
             try:
                 close()  # e.g. withdraw the autoscaler resource request: it outlives the job otherwise
             except Exception as exc:  # noqa: BLE001 - shutting down anyway
-                logging.getLogger(__name__).warning("%s", exc)
+                logger.warning("%s", exc)
         ray.shutdown()
 
 

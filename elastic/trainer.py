@@ -99,11 +99,18 @@ class ElasticTrainer:
         ledger: also write ``ledger.jsonl`` (every committed step's sample indices per rank).
         on_step: called after every step with the trainer (tests use it to inject failures).
         show_progress: draw a live progress line (rich) on a terminal, else log a line every few seconds.
+        backend: where the workers run (``controller.backends.make_backend(spec)``: ``start``,
+            ``serve``, ``shutdown``, ``worker_actor_options``, ``release_id``, ``actuator``).
+        start_controller: ``(trainer, stop_event) -> thread or None``: starts what moves the target
+            (a reconcile loop, or the link to the Kubernetes operator). The library never imports the
+            controller: ``elastic_app.wiring.make_trainer`` puts these together.
     """
 
     def __init__(self, spec: JobSpec, resume: bool = False, registry: Any = None, ledger: bool = False,
                  on_step: Callable[[ElasticTrainer], None] | None = None, show_progress: bool = True,
-                 operator_client: Any = None, start_over: bool = False) -> None:
+                 start_over: bool = False, backend: Any = None,
+                 start_controller: Callable[[ElasticTrainer, threading.Event], threading.Thread | None] | None = None
+                 ) -> None:
         self.spec = spec
         self.resume = resume
         self.start_over = start_over  # move an earlier run's directory aside instead of refusing it
@@ -114,13 +121,15 @@ class ElasticTrainer:
         self.run_dir = Path(spec.run_dir)
         self.on_step = on_step
         self.show_progress = show_progress
-        self.operator_client = operator_client  # set in a driver pod: the operator decides, we report
+        self.backend: Any = backend
+        self._start_controller_fn = start_controller
         self._registry = registry
         self._ledger_path = self.run_dir / "ledger.jsonl" if ledger else None
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._target = spec.workers.initial
-        self._target_cause = "schedule"
+        self.target_cause = "schedule"
+        """The cause recorded for resizes toward the target (schedule, controller, manual; set by the wiring)."""
         # A triggered target (a schedule step announced ahead): applied at the first step boundary at
         # which tau >= at_progress or elapsed >= at_time_s; (None, None) means at once.
         self._target_at: tuple[float | None, float | None] = (None, None)
@@ -138,7 +147,6 @@ class ElasticTrainer:
         self._call_in_flight = False
         self._started_s = time.monotonic()
         self._last_resize_s: float | None = None
-        self.backend: Any = None
         self.group: Any = None
         self.sampler: ElasticSampler | None = None
         self.metrics: Any = NullTrainerMetrics()
@@ -162,8 +170,8 @@ class ElasticTrainer:
             run_lock.release()
 
     def _run_locked(self, record, notes: list[str]) -> RunSummary:
-        from controller.backends import make_backend
-
+        if self.backend is None:
+            raise TrainerError("no cluster backend given: build the trainer with elastic_app.wiring.make_trainer(spec)")
         self.run_id = record.run_id
         try:
             log_handler = logging.FileHandler(self.run_dir / "train.log")
@@ -182,7 +190,6 @@ class ElasticTrainer:
         result: dict[str, Any] = {}
         try:
             self._setup_metrics()
-            self.backend = make_backend(self.spec)
             # SIGINT / SIGTERM stop at the next step boundary from here on (a second one aborts);
             # the local backend keeps these handlers when Ray installs its own while starting nodes.
             with _first_interrupt_stops(self._stop, self._on_stop_signal):
@@ -237,7 +244,7 @@ class ElasticTrainer:
             self.backend.actuator.scale_to(workers)
         self.controller_metrics.record_actuation(time.monotonic() - started)
         with self._lock:
-            self._target_cause = "manual"
+            self.target_cause = "manual"
         self.set_target_workers(workers, reason)
 
     @property
@@ -292,7 +299,7 @@ class ElasticTrainer:
         with self._lock:
             return self._target
 
-    def _observation(self) -> dict[str, Any]:
+    def observation(self) -> dict[str, Any]:
         """The trainer's view for the controller or the operator: one consistent read under the lock."""
         with self._lock:
             last = dict(self._last)
@@ -309,31 +316,23 @@ class ElasticTrainer:
 
     def report(self) -> dict[str, Any]:
         """What a driver pod publishes in its ElasticJob's status.trainer (controller.operator_link)."""
-        return self._observation()
+        return self.observation()
 
-    def snapshot(self):
-        from controller.policy import JobSnapshot
+    @property
+    def elapsed_s(self) -> float:
+        """Seconds since this trainer started."""
+        return time.monotonic() - self._started_s
 
-        seen = self._observation()
-        return JobSnapshot(
-            now_s=time.monotonic(),
-            current_workers=seen["workers"],
-            min_workers=self.spec.workers.min,
-            max_workers=self.spec.workers.max,
-            capacity_workers=self.backend.actuator.capacity_workers(),
-            progress=seen["progress"],
-            total_progress=self.spec.total_progress,
-            grad_variance=seen["grad_variance"],
-            grad_sqnorm=seen["grad_sqnorm"],
-            accumulation_steps=self.spec.accumulation_steps,
-            step_time_s_by_workers=seen["step_time_s"],
-            last_resize_s=self._last_resize_s,
-            elapsed_s=time.monotonic() - self._started_s,
-            progress_rate_per_s=self._progress_rate_per_s(),
-            worker_startup_s=max(self.group.startup_s) if self.group is not None and self.group.startup_s else None,
-        )
+    @property
+    def last_resize_s(self) -> float | None:
+        """``time.monotonic()`` of the last resize (None before any)."""
+        return self._last_resize_s
 
-    def _progress_rate_per_s(self) -> float | None:
+    def worker_startup_s(self) -> float | None:
+        """The longest start-up (spawn to ready) among the workers started lately; None before any."""
+        return max(self.group.startup_s) if self.group is not None and self.group.startup_s else None
+
+    def progress_rate_per_s(self) -> float | None:
         """tau per second at the current size: the last gain over the median step time."""
         with self._lock:
             times = self._step_times.get(self.current_workers())
@@ -456,32 +455,16 @@ class ElasticTrainer:
 
     # ---------------------------------------------------------------- starting
     def _startable_workers(self) -> int:
-        """``workers.initial``, or fewer when the cluster has room for fewer (said once, with the reason
-        the actuator logged); a cluster without room for ``workers.min`` fails at once.
-
-        Raises:
-            BackendError: the cluster cannot host ``workers.min`` workers (the CLI exits 2).
-        """
-        from controller.backends import BackendError
-
-        from controller.actuators.base import ActuationError
-
+        """``workers.initial``, or fewer when the cluster has room for fewer (said once); the backend
+        raises its one-line error (the CLI exits 2) when there is no room for ``workers.min``."""
         spec = self.spec
-        try:
-            capacity = self.backend.actuator.capacity_workers()
-        except ActuationError as exc:  # unknown room: start as asked, as the controller will retry
-            logger.warning("starting workers.initial=%d without knowing the cluster's room: %s", spec.workers.initial, exc)
-            return spec.workers.initial
-        if capacity < spec.workers.min:
-            raise BackendError(f"cluster: room for {capacity} worker(s) of {self.backend.worker_actor_options()}, "
-                               f"fewer than workers.min={spec.workers.min}; free or add capacity, or lower workers.min")
+        capacity = self.backend.startable_workers(spec.workers.min, spec.workers.initial)
         if capacity < spec.workers.initial:
             logger.warning("starting %d worker(s), not workers.initial=%d: the cluster has room for %d",
                            capacity, spec.workers.initial, capacity)
             with self._lock:
                 self._target = capacity
-            return capacity
-        return spec.workers.initial
+        return capacity
 
     def _wait_ready_or_stop(self, count: int) -> list:
         """The first workers, waited for in short slices so that a stop request is heard at once."""
@@ -537,7 +520,7 @@ class ElasticTrainer:
         group changes only once the target's trigger (if any) has fired."""
         with self._lock:
             target, at = self._target, self._target_at
-            cause = self._target_cause
+            cause = self.target_cause
         size, pending = self.group.size, len(self.group.pending)
         if size == 0:
             return None  # nothing to grow from: _recover_all_lost restores the checkpoint first
@@ -774,24 +757,7 @@ class ElasticTrainer:
             logger.info("metrics at %s", self._exporter.url)
 
     def _start_controller(self, stop: threading.Event) -> threading.Thread | None:
-        from controller.loop import ReconcileLoop
-
-        if self.operator_client is not None:
-            from controller.operator_link import OperatorLink
-
-            self._target_cause = "controller"
-            link = OperatorLink(self.operator_client, self)
-            return link.start(stop, self.spec.scaling.interval_s)
-
-        loop = ReconcileLoop(self._policy(), self.backend.actuator, self.snapshot, self,
-                             metrics=self.controller_metrics)
-        self._target_cause = {"schedule": "schedule", "fixed": "manual"}.get(self.spec.scaling.policy, "controller")
-        return loop.start(stop, self.spec.scaling.interval_s)
-
-    def _policy(self):
-        from controller.policy import policy_for
-
-        return policy_for(self.spec.scaling)
+        return self._start_controller_fn(self, stop) if self._start_controller_fn is not None else None
 
     def _shutdown(self) -> None:
         if self.group is not None:

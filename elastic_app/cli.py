@@ -233,7 +233,8 @@ def _cmd_run(args: argparse.Namespace) -> int:
     from elastic.group import WorkerGroupError
     from elastic.metrics import MetricsError
     from elastic.rundir import RunDirError, RunFinished
-    from elastic.trainer import ElasticTrainer, TrainerError
+    from elastic.trainer import TrainerError
+    from elastic_app.wiring import make_trainer
 
     operator_client = None
     if os.environ.get("ELASTIC_JOB_RESOURCE"):  # a driver pod of the ElasticJob operator
@@ -243,8 +244,8 @@ def _cmd_run(args: argparse.Namespace) -> int:
             operator_client = ElasticJobStatusClient.from_env()
         except ContractError as exc:
             return _fail(str(exc), EXIT_BAD_INPUT)
-    trainer = ElasticTrainer(spec, resume=args.resume, ledger=args.ledger, show_progress=not args.quiet,
-                             operator_client=operator_client, start_over=args.start_over)
+    trainer = make_trainer(spec, operator_client=operator_client, resume=args.resume, ledger=args.ledger,
+                           show_progress=not args.quiet, start_over=args.start_over)
     try:
         summary = trainer.run()
     except RunFinished as done:

@@ -11,7 +11,8 @@ import threading
 
 import pytest
 
-from elastic.trainer import ElasticTrainer, TrainerError
+from elastic.trainer import TrainerError
+from elastic_app.wiring import make_trainer
 from tests.elastic_runs import check_exactly_once, digits_spec, read_ledger
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
@@ -51,7 +52,7 @@ class KillAtSteps:
 @pytest.fixture(scope="module")
 def undisturbed(tmp_path_factory):
     spec = digits_spec(tmp_path_factory.mktemp("calm"), total_progress=3000, **{"workers.initial": 2})
-    return ElasticTrainer(spec, show_progress=False).run()
+    return make_trainer(spec, show_progress=False).run()
 
 
 def test_repeated_worker_kills_lose_no_sample(tmp_path, undisturbed):
@@ -60,7 +61,7 @@ def test_repeated_worker_kills_lose_no_sample(tmp_path, undisturbed):
     # (steps run back to back in calls of several, so a one-worker stretch passes quickly).
     spec = digits_spec(tmp_path, total_progress=3000, **{"workers.initial": 4, "workers.max": 4})
     chaos = KillAtSteps(sorted(random.sample(range(60, 900), 3)))
-    summary = ElasticTrainer(spec, ledger=True, on_step=chaos, show_progress=False).run()
+    summary = make_trainer(spec, ledger=True, on_step=chaos, show_progress=False).run()
     assert len(chaos.killed) == 3 and summary.worker_failures == 3
     assert summary.progress >= 3000 and not summary.stopped_early
     assert summary.extra["abandoned_steps"] <= summary.worker_failures  # <= 1 step of work per failure
@@ -88,7 +89,7 @@ def test_node_removed_mid_step(tmp_path):
             if trainer.steps >= state["back_at"] + 100:
                 trainer.request_stop()
 
-    summary = ElasticTrainer(spec, ledger=True, on_step=remove_a_node, show_progress=False).run()
+    summary = make_trainer(spec, ledger=True, on_step=remove_a_node, show_progress=False).run()
     assert state["removed"] and summary.worker_failures == 1
     assert state["back_at"] and summary.stopped_early and summary.final_workers == 2
     entries = read_ledger(tmp_path)
@@ -100,7 +101,7 @@ def test_node_removed_mid_step(tmp_path):
 def test_losing_every_worker_resumes_from_the_checkpoint(tmp_path):
     spec = digits_spec(tmp_path, total_progress=1500, **{"workers.initial": 2, "checkpoint.every_steps": 25})
     chaos = KillAtSteps([140], every_worker=True)
-    summary = ElasticTrainer(spec, ledger=True, on_step=chaos, show_progress=False).run()
+    summary = make_trainer(spec, ledger=True, on_step=chaos, show_progress=False).run()
     assert len(chaos.killed) == 2 and summary.progress >= 1500
     log = (tmp_path / "train.log").read_text()
     assert "lost every worker" in log and "resumed with" in log
@@ -113,14 +114,14 @@ def test_losing_every_worker_resumes_from_the_checkpoint(tmp_path):
 def test_corrupt_newest_checkpoint_falls_back_to_the_previous(tmp_path):
     spec = digits_spec(tmp_path, total_progress=400, **{"workers.initial": 1, "checkpoint.every_steps": 50,
                                                          "checkpoint.keep_last": 3})
-    first = ElasticTrainer(spec, show_progress=False).run()
+    first = make_trainer(spec, show_progress=False).run()
     ckpts = sorted((tmp_path / "checkpoints").glob("ckpt-*.pt"))
     newest, previous = ckpts[-1], ckpts[-2]
     data = bytearray(newest.read_bytes())
     data[len(data) // 2] ^= 0xFF  # one flipped byte
     newest.write_bytes(bytes(data))
     resumed_spec = digits_spec(tmp_path, total_progress=600, **{"workers.initial": 1, "checkpoint.every_steps": 50})
-    second = ElasticTrainer(resumed_spec, resume=True, show_progress=False).run()
+    second = make_trainer(resumed_spec, resume=True, show_progress=False).run()
     log = (tmp_path / "train.log").read_text()
     previous_step = int(previous.stem.split("-")[1])
     assert newest.name in log and f"resuming from checkpoint step {previous_step}" in log
@@ -132,7 +133,7 @@ def test_nan_gradients_skip_steps_on_every_rank(tmp_path):
     poison = [5, 700, 1300]
     spec = digits_spec(tmp_path, total_progress=800, task="tests.chaos_tasks:PoisonedDigitsTask",
                        task_args={"poison": poison}, **{"workers.initial": 2})
-    summary = ElasticTrainer(spec, ledger=True, show_progress=False).run()
+    summary = make_trainer(spec, ledger=True, show_progress=False).run()
     entries = read_ledger(tmp_path)
     poisoned_steps = [e for e in entries if set(poison) & {i for ids in e["consumed"].values() for i in ids}]
     skipped = [e for e in entries if e["skipped"]]
@@ -149,5 +150,5 @@ def test_too_many_nan_steps_stop_with_a_checkpoint(tmp_path):
                        task_args={"poison_all": True},
                        **{"workers.initial": 1, "failure.max_consecutive_skipped_steps": 3})
     with pytest.raises(TrainerError, match="3 steps in a row had non-finite gradients"):
-        ElasticTrainer(spec, show_progress=False).run()
+        make_trainer(spec, show_progress=False).run()
     assert sorted((tmp_path / "checkpoints").glob("ckpt-*.pt")), "no checkpoint was written at the stop"

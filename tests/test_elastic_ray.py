@@ -9,7 +9,7 @@ import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
+
 
 import pytest
 import yaml
@@ -17,7 +17,7 @@ from prometheus_client import CollectorRegistry
 
 from elastic.config import load_job_spec
 from elastic.metrics import start_exporter
-from elastic.trainer import ElasticTrainer
+from elastic_app.wiring import make_trainer
 from tests.elastic_runs import ROOT, GrowShrinkKill, check_exactly_once, digits_spec, read_ledger
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
@@ -40,7 +40,7 @@ def scripted_run(tmp_path_factory, request):
     except pytest.skip.Exception:
         server = None
     script = GrowShrinkKill()
-    trainer = ElasticTrainer(spec, registry=registry, ledger=True, on_step=script, show_progress=False)
+    trainer = make_trainer(spec, registry=registry, ledger=True, on_step=script, show_progress=False)
     summary = trainer.run()
     if server is not None:
         time.sleep(2.5)  # two more scrapes of the final values
@@ -109,8 +109,8 @@ def test_quickstart_matches_a_fixed_size_run(tmp_path):
     fixed_spec = load_job_spec(ROOT / "examples/quickstart.yaml", {
         **common, "run_dir": str(tmp_path / "fixed"), "scaling": {"policy": "fixed", "steps": []},
         "workers.initial": 2})
-    elastic = ElasticTrainer(elastic_spec, ledger=True, show_progress=False).run()
-    fixed = ElasticTrainer(fixed_spec, show_progress=False).run()
+    elastic = make_trainer(elastic_spec, ledger=True, show_progress=False).run()
+    fixed = make_trainer(fixed_spec, show_progress=False).run()
 
     sizes = [(r.from_workers, r.to_workers) for r in elastic.resizes]
     assert any(b > a for a, b in sizes) and any(b < a for a, b in sizes), sizes
@@ -185,5 +185,5 @@ def test_gpu_workers_use_nccl(tmp_path):
     if not torch.cuda.is_available():
         pytest.skip("no CUDA device: the NCCL path runs only on a GPU machine")
     spec = digits_spec(tmp_path, **{"cluster.use_gpu": True, "total_progress": 200, "workers.initial": 1, "workers.max": 1})
-    summary = ElasticTrainer(spec, show_progress=False).run()
+    summary = make_trainer(spec, show_progress=False).run()
     assert summary.progress >= 200

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from elastic.trainer import ElasticTrainer
+from elastic_app.wiring import make_trainer
 from tests.elastic_runs import digits_spec
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
@@ -21,7 +21,7 @@ def test_schedule_resizes_within_one_step_of_each_trigger(tmp_path):
                               {"at_time_s": 3600, "workers": 2}]},
         "checkpoint": {"every_steps": 1000, "keep_last": 1},
     })
-    summary = ElasticTrainer(spec, show_progress=False).run()
+    summary = make_trainer(spec, show_progress=False).run()
     planned = [(r.direction, r.from_workers, r.to_workers, r.progress) for r in summary.resizes if r.cause == "schedule"]
     assert [p[:3] for p in planned] == [("grow", 1, 2), ("shrink", 2, 1)], summary.resizes
     # One step advances tau by at most S (1 before the grow, 2 before the shrink).

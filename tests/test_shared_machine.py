@@ -14,6 +14,7 @@ from controller.actuators.local import preserved_file
 from elastic.config import MetricsConfig, parse_job_spec
 from elastic.metrics import MetricsError
 from elastic.trainer import ElasticTrainer, _ProgressDisplay, _start_exporter_or_free_port
+from elastic_app.wiring import make_trainer
 
 
 def _occupy(port: int) -> socket.socket | None:
@@ -99,12 +100,17 @@ class _Backend:
     def worker_actor_options(self):
         return {"num_cpus": 1.0}
 
+    def startable_workers(self, minimum: int, initial: int) -> int:
+        from controller.backends import startable_workers
+
+        return startable_workers(self, minimum, initial)
+
 
 def _trainer(tmp_path: Path, capacity: int) -> ElasticTrainer:
     spec = parse_job_spec({"name": "cap", "task": "examples.digits:DigitsTask", "batch_size_per_worker": 8,
                            "total_progress": 10, "optimizer": {"name": "sgd", "lr": 0.1},
                            "workers": {"min": 2, "max": 5, "initial": 5}, "run_dir": str(tmp_path)})
-    trainer = ElasticTrainer(spec, show_progress=False)
+    trainer = make_trainer(spec, show_progress=False)
     trainer.backend = _Backend(capacity)
     return trainer
 

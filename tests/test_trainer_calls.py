@@ -8,6 +8,7 @@ import pytest
 
 from elastic.config import parse_job_spec
 from elastic.trainer import CALL_TARGET_S, MAX_AUTO_STEPS_PER_CALL, ElasticTrainer
+from elastic_app.wiring import make_trainer
 
 
 def trainer(tmp_path, steps_per_call="auto", every_steps=1000, total=30000.0, accumulation=1) -> ElasticTrainer:
@@ -17,7 +18,7 @@ def trainer(tmp_path, steps_per_call="auto", every_steps=1000, total=30000.0, ac
         "workers": {"min": 1, "max": 4, "steps_per_call": steps_per_call},
         "checkpoint": {"every_steps": every_steps}, "run_dir": str(tmp_path),
     })
-    return ElasticTrainer(spec, show_progress=False)
+    return make_trainer(spec, show_progress=False)
 
 
 def timed(t: ElasticTrainer, world: int, step_s: float, count: int = 5) -> None:
