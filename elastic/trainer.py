@@ -25,6 +25,7 @@ from elastic.checkpoint import CheckpointManager
 from elastic.config import JobSpec
 from elastic.metrics import ControllerMetrics, NullTrainerMetrics, StepRecord, TrainerMetrics, start_exporter
 from elastic.sampler import ElasticSampler
+from elastic.trainer_state import Phase, TrainerStateMachine
 
 logger = logging.getLogger("elastic")
 
@@ -127,6 +128,8 @@ class ElasticTrainer:
         self._ledger_path = self.run_dir / "ledger.jsonl" if ledger else None
         self._lock = threading.Lock()
         self._stop = threading.Event()
+        self.state = TrainerStateMachine()
+        """starting -> training <-> resizing | recovering | checkpointing -> stopping -> done (or failed)."""
         self._target = spec.workers.initial
         self.target_cause = "schedule"
         """The cause recorded for resizes toward the target (schedule, controller, manual; set by the wiring)."""
@@ -374,6 +377,8 @@ class ElasticTrainer:
             self._restore(restored)
         self.group.start(ready, restored["worker"] if restored else None)
         self.metrics.set_target_workers(self._target)
+        self.state.enter(Phase.TRAINING, f"{spec.name}: {self.group.size} worker(s), tau "
+                                         f"{self._last.get('progress', 0.0):.1f} / {spec.total_progress:g}")
         logger.info("training %s: %d worker(s), tau %.1f / %g", spec.name, self.group.size,
                     self._last.get("progress", 0.0), spec.total_progress)
 
@@ -389,7 +394,9 @@ class ElasticTrainer:
                 self._await_announced_target()
                 resize = self._apply_target(boundary_s)
                 if self.group.size == 0:
+                    self.state.enter(Phase.RECOVERING, "every worker lost")
                     self._recover_all_lost()
+                    self.state.enter(Phase.TRAINING, f"resumed with {self.group.size} worker(s)")
                     boundary_s = time.perf_counter()
                     continue
                 world = self.group.size
@@ -408,7 +415,9 @@ class ElasticTrainer:
                 steps_before = self._steps
                 for outcome, plan in zip(outcomes, plans):
                     if outcome.lost_workers:
+                        self.state.enter(Phase.RECOVERING, f"lost {', '.join(outcome.lost_workers)}")
                         self._record_failure(outcome, world)
+                        self.state.enter(Phase.TRAINING, f"re-formed at {self.group.size} worker(s)")
                     if not outcome.completed:
                         self._abandoned_steps += 1
                         continue
@@ -426,16 +435,21 @@ class ElasticTrainer:
                 if self._consecutive_skips >= spec.failure.max_consecutive_skipped_steps:
                     raise TrainerError(f"{self._consecutive_skips} steps in a row had non-finite gradients "
                                        "(failure.max_consecutive_skipped_steps); lower the learning rate")
+            tau = float(self._last.get("progress", 0.0))
+            self.state.enter(Phase.STOPPING, f"tau {tau:.1f} reached total {spec.total_progress:g}"
+                             if tau >= spec.total_progress else f"stop requested at tau {tau:.1f}")
             # Stopped by a signal: the checkpoint first, and no evaluation, which may take longer than
             # the grace period left (Kubernetes: 30 s by default); the next run evaluates.
             evaluation = {} if self._stop_signal is not None else self.group.evaluate()
             if self.group.size > 0:
                 self._checkpoint()
+            self.state.enter(Phase.DONE, f"{self._steps} steps, tau {tau:.1f}")
             for missed in self.missed_schedule_steps():
                 logger.warning("schedule step %d (%d workers at %s) never happened: %s", missed["step"],
                                missed["workers"], f"tau {missed['at_progress']:g}" if missed["at_progress"] is not None
                                else f"{missed['at_time_s']:g} s", missed["reason"])
-        except BaseException:
+        except BaseException as exc:
+            self.state.fail(f"{type(exc).__name__}: {exc}".splitlines()[0])
             if self._call_in_flight:
                 logger.warning("no checkpoint at the stop: it came in the middle of a call of several steps, "
                                "whose updates are not all recorded; the newest checkpoint (step %d or earlier) stands",
@@ -537,13 +551,17 @@ class ElasticTrainer:
             all_ready = len(ready) == len(self.group.pending)
             if ready and (triggered or all_ready or self.group.oldest_ready_wait_s() > GROW_BATCH_WAIT_S):
                 joining = ready[: target - size]
+                self.state.enter(Phase.RESIZING, f"grow {size} -> {size + len(joining)} ({cause})")
                 self.group.grow(joining)
+                self.state.enter(Phase.TRAINING, f"grown to {self.group.size}")
                 return size, self.group.size, "grow", cause
             return None
         if pending:
             self.group.cancel_pending()
         if target < size and due:
+            self.state.enter(Phase.RESIZING, f"shrink {size} -> {target} ({cause})")
             released, _ = self.group.shrink(size - target)
+            self.state.enter(Phase.TRAINING, f"shrunk to {self.group.size}")
             with self._lock:
                 self._released.extend(self.backend.release_id(m) for m in released)
             return size, self.group.size, "shrink", cause
@@ -708,16 +726,28 @@ class ElasticTrainer:
             # the previous checkpoint); this one is skipped rather than written from a guess.
             logger.warning("checkpoint at step %d skipped: %s", self._steps, exc)
             return
-        state = {
-            "worker": worker_state,
-            "sampler": self.sampler.state_dict(),
-            "trainer": {"steps": self._steps, "skipped": self._skipped, "progress": float(self._last.get("progress", 0.0)),
-                        "workers": self.group.size, "failures": self._failures, "run_id": self.run_id,
-                        "elapsed_s": self._elapsed_before_s + time.monotonic() - self._started_s},
-        }
+        resume_phase = self.state.phase
+        transit = resume_phase in (Phase.TRAINING, Phase.STOPPING)  # not while starting, recovering or failing
+        if transit:
+            self.state.enter(Phase.CHECKPOINTING, f"step {self._steps}")
+        state = {"worker": worker_state, "sampler": self.sampler.state_dict(), "trainer": self.state_dict()}
         path = self.checkpoints.save(self._steps, state)
         self.metrics.record_checkpoint(time.perf_counter() - started)
+        if transit:
+            self.state.enter(resume_phase, f"checkpoint of step {self._steps} written")
         logger.debug("checkpoint %s", path)
+
+    def state_dict(self) -> dict[str, Any]:
+        """The trainer's own counters, as a checkpoint keeps them (the sampler and workers have theirs)."""
+        return {"steps": self._steps, "skipped": self._skipped, "progress": float(self._last.get("progress", 0.0)),
+                "workers": self.group.size if self.group is not None else 0, "failures": self._failures,
+                "abandoned_steps": self._abandoned_steps, "resizes": len(self._resizes), "run_id": self.run_id,
+                "elapsed_s": self._elapsed_before_s + time.monotonic() - self._started_s}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self._steps, self._skipped, self._failures = int(state["steps"]), int(state["skipped"]), int(state["failures"])
+        self._abandoned_steps = int(state.get("abandoned_steps", 0))
+        self._last = {"progress": float(state["progress"])}
 
     def _load_checkpoint(self) -> dict[str, Any] | None:
         loaded = self.checkpoints.load_latest()
@@ -736,9 +766,7 @@ class ElasticTrainer:
 
     def _restore(self, state: dict[str, Any]) -> None:
         self.sampler.load_state_dict(state["sampler"])
-        t = state["trainer"]
-        self._steps, self._skipped, self._failures = t["steps"], t["skipped"], t["failures"]
-        self._last = {"progress": t["progress"]}
+        self.load_state_dict(state["trainer"])
 
     # ---------------------------------------------------------------- setup / teardown
     def _setup_metrics(self) -> None:
