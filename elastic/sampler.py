@@ -86,6 +86,20 @@ class StepPlan:
             for k in range(self.accumulation_steps)
         ]
 
+    def shard_keys(self, rank: int) -> list[list[tuple[int, int]]]:
+        """:meth:`shard` with each index's epoch: micro-batches of ``(epoch, index)`` sample keys.
+
+        A batch that spans the epoch boundary ends with ``cursor_after`` samples of the next epoch."""
+        micro = self.micro_batch_size
+        start = rank * micro * self.accumulation_steps
+        boundary = len(self.indices) - (self.cursor_after if self.epoch_after > self.epoch_before else 0)
+        keys = []
+        for k, indices in enumerate(self.shard(rank)):
+            first = start + k * micro
+            keys.append([(self.epoch_before if first + j < boundary else self.epoch_before + 1, i)
+                         for j, i in enumerate(indices)])
+        return keys
+
 
 def _positive_int(name: str, value: Any) -> int:
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
