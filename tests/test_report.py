@@ -83,3 +83,19 @@ def test_corrupt_middle_line_names_the_line(tmp_path):
     (tmp_path / "metrics.jsonl").write_text(f"{good}\nnot json\n{good}\n")
     with pytest.raises(ReportError, match="line 2 is not JSON"):
         draw_report(tmp_path)
+
+
+def test_evaluations_during_training_get_their_own_panel(tmp_path):
+    write_synthetic_run(tmp_path, steps=30)
+    m = TrainerMetrics("report-job", registry=CollectorRegistry(), log_path=tmp_path / "metrics.jsonl")
+    for k, acc in enumerate((0.5, 0.7, 0.9)):
+        m.record_eval({"accuracy": acc, "loss": 1.0 - acc}, progress=10.0 * (k + 1), step=10 * (k + 1),
+                      time_s=1_700_000_000.0 + 0.5 * (k + 1))
+    m.close()
+    log = read_log(tmp_path / "metrics.jsonl")
+    assert [e["metrics"]["accuracy"] for e in log.evals] == [0.5, 0.7, 0.9]
+    with_eval = draw_report(tmp_path, out=tmp_path / "with.png").stat().st_size
+    (tmp_path / "metrics.jsonl").write_text("".join(
+        line + "\n" for line in (tmp_path / "metrics.jsonl").read_text().splitlines() if '"kind":"eval"' not in line))
+    without_eval = draw_report(tmp_path, out=tmp_path / "without.png").stat().st_size
+    assert with_eval > without_eval  # one more panel, with two lines
