@@ -230,6 +230,20 @@ class ElasticSampler:
             plans.append(self.plan(global_batch, world_size, accumulation_steps, after=plans[-1] if plans else None))
         return plans
 
+    def lookahead(self, after: StepPlan, micro_batches: int) -> list[StepPlan]:
+        """The steps that follow ``after`` at its geometry (same world size and accumulation),
+        enough of them for ``micro_batches`` micro-batches per rank; [] for 0. Does not advance.
+
+        The workers' input pipelines prefetch these while the current steps run; the plans are
+        never committed: if the next call plans other steps (a resize, a failure), they are dropped."""
+        if isinstance(micro_batches, bool) or not isinstance(micro_batches, int) or micro_batches < 0:
+            raise SamplerError(f"micro_batches: must be an int >= 0 (got {micro_batches!r})")
+        plans: list[StepPlan] = []
+        for _ in range(-(-micro_batches // after.accumulation_steps)):
+            plans.append(self.plan(after.global_batch, after.world_size, after.accumulation_steps,
+                                   after=plans[-1] if plans else after))
+        return plans
+
     def commit(self, plan: StepPlan) -> None:
         """Mark ``plan``'s samples consumed: move to ``(plan.epoch_after, plan.cursor_after)``.
 

@@ -281,6 +281,8 @@ class ElasticTrainer:
             raise TrainerError(f"dataset has {dataset_len} samples, smaller than one global batch of {biggest} "
                                f"at workers.max={spec.workers.max}")
         self.sampler = ElasticSampler(dataset_len, spec.seed)
+        # The workers' loaders keep this many micro-batches in flight; the steps after each call are
+        # planned (not committed) so that they stay busy across the call boundary.
         self._prefetch_batches = int(ready[0].info.get("prefetch_batches", 0))
         self._loader_workers = int(ready[0].info.get("loader_workers", 0))
         if restored is not None:
@@ -314,7 +316,7 @@ class ElasticTrainer:
                 # sampler has not committed: no checkpoint may be taken from them meanwhile.
                 self._call_in_flight = len(plans) > 1
                 outcomes = self.group.run_steps(plans, expected_step_s=self._median_step_s(world),
-                                                lookahead=self._lookahead(plans[-1], world))
+                                                lookahead=self.sampler.lookahead(plans[-1], self._prefetch_batches))
                 boundary_s = time.perf_counter()
                 recovery_s = sum(o.recovery_s for o in outcomes)
                 step_s = (boundary_s - step_started - recovery_s) / len(outcomes)
@@ -384,19 +386,6 @@ class ElasticTrainer:
         remaining = spec.total_progress - float(self._last.get("progress", 0.0))
         count = min(count, max(1, int(remaining // (world * spec.accumulation_steps))))
         return count
-
-    def _lookahead(self, last: Any, world: int) -> list[Any]:
-        """The steps after this call's, if the group stays as it is: enough micro-batches for the
-        workers' loaders to keep ``prefetch_factor * num_workers`` in flight across the call boundary.
-        Only planned, never committed: if the next call wants others, the workers drop them."""
-        if self._prefetch_batches <= 0:
-            return []
-        acc = self.spec.accumulation_steps
-        count = -(-self._prefetch_batches // acc)
-        plans = [self.sampler.plan(self.spec.global_batch_size(world), world, acc, after=last)]
-        while len(plans) < count:
-            plans.append(self.sampler.plan(self.spec.global_batch_size(world), world, acc, after=plans[-1]))
-        return plans
 
     # ---------------------------------------------------------------- evaluation during training
     def _maybe_evaluate(self, display: _ProgressDisplay) -> None:
