@@ -67,8 +67,13 @@ def sample_seed(seed: int, epoch: int, index: int) -> int:
 
 
 def seed_everything(seed: int) -> None:
-    """Seed torch (CPU and CUDA), Python's ``random`` and numpy's legacy global generator."""
-    torch.manual_seed(seed)
+    """Seed torch (CPU, and CUDA once initialised), Python's ``random`` and numpy's legacy global generator.
+
+    Called per sample: ``torch.manual_seed`` costs ~0.2 ms (it visits every accelerator backend),
+    seeding the default generator directly ~1 us."""
+    torch.default_generator.manual_seed(seed)
+    if torch.cuda.is_initialized():
+        torch.cuda.manual_seed(seed)
     random.seed(seed)
     np.random.seed(seed % 2**32)
 
