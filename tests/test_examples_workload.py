@@ -12,15 +12,38 @@ from tests.elastic_runs import ROOT, check_exactly_once, read_ledger
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
-SCHEDULE = {"policy": "schedule", "interval_s": 0.5,
-            "steps": [{"at_progress": 4, "workers": 2}, {"at_progress": 50, "workers": 1}]}
+class OneTwoOne:
+    """on_step driver: grow to 2 workers at once, shrink back after ``steps`` steps at 2, stop after
+    ``steps`` more (a reduced run is too short for the YAML's tau schedule to outwait a worker start)."""
+
+    def __init__(self, steps: int) -> None:
+        self.steps, self.phase, self.mark = steps, "start", 0
+
+    def __call__(self, trainer) -> None:
+        size, step = trainer.group.size, trainer.steps
+        if self.phase == "start":
+            self.phase = "growing"
+            trainer.resize(2, "test: grow")
+        elif self.phase == "growing" and size == 2:
+            self.phase, self.mark = "grown", step
+        elif self.phase == "grown" and step - self.mark >= self.steps:
+            self.phase = "shrinking"
+            trainer.resize(1, "test: shrink")
+        elif self.phase == "shrinking" and size == 1:
+            self.phase, self.mark = "shrunk", step
+        elif self.phase == "shrunk" and step - self.mark >= self.steps:
+            self.phase = "done"
+            trainer.request_stop()
 
 
-def run_reduced(tmp_path, yaml_name: str, **overrides):
+def run_reduced(tmp_path, yaml_name: str, steps_per_phase: int, **overrides):
     spec = load_job_spec(ROOT / "examples" / yaml_name, {
         "run_dir": str(tmp_path / "run"), "metrics": {"enabled": False, "log": True},
-        "scaling": SCHEDULE, "checkpoint": {"every_steps": 1000}, **overrides})
-    summary = ElasticTrainer(spec, ledger=True, show_progress=False).run()
+        "scaling": {"policy": "fixed", "steps": []}, "total_progress": 100000,
+        "checkpoint": {"every_steps": 1000}, **overrides})
+    driver = OneTwoOne(steps_per_phase)
+    summary = ElasticTrainer(spec, ledger=True, on_step=driver, show_progress=False).run()
+    assert driver.phase == "done", driver.phase
     kinds = [(r.direction, r.from_workers, r.to_workers) for r in summary.resizes]
     assert ("grow", 1, 2) in kinds and ("shrink", 2, 1) in kinds, kinds
     evaluations = summary.extra["evaluations"]
@@ -33,8 +56,8 @@ def run_reduced(tmp_path, yaml_name: str, **overrides):
 def test_jpeg_digits_example_reduced(tmp_path):
     from examples.jpeg_digits import JpegDigitsTask
 
-    summary, entries = run_reduced(tmp_path, "jpeg_digits.yaml", total_progress=90,
-                                   evaluation={"every_progress": 30},
+    summary, entries = run_reduced(tmp_path, "jpeg_digits.yaml", 30, evaluation={"every_progress": 20},
+                                   lr_schedule={"kind": "constant", "warmup_fraction": 0.0},
                                    task_args={"width": 8, "lr": 0.004, "eval_limit": 200})
     check_exactly_once(entries, len(JpegDigitsTask(eval_limit=1).train), seed=0)
     assert summary.extra["loader_workers"] == 1
@@ -43,9 +66,9 @@ def test_jpeg_digits_example_reduced(tmp_path):
 
 
 def test_charlm_example_reduced(tmp_path):
-    summary, _ = run_reduced(tmp_path, "charlm.yaml", total_progress=80, evaluation={"every_progress": 25},
+    summary, _ = run_reduced(tmp_path, "charlm.yaml", 30, evaluation={"every_progress": 20},
                              task_args={"block": 32, "dim": 64, "layers": 2, "heads": 2, "lr": 0.003,
-                                        "max_bytes": 300_000, "val_chunks": 32})
+                                        "max_bytes": 300_000, "val_chunks": 32, "warmup_fraction": 0.0})
     first, last = summary.extra["evaluations"][0], summary.evaluation
     assert last["val_loss"] < first["val_loss"] < math.log(256) + 0.5
     assert last["val_perplexity"] == pytest.approx(math.exp(last["val_loss"]))
