@@ -306,7 +306,7 @@ class ElasticWorker:
         except Exception as exc:  # noqa: BLE001 - the driver decides: peer lost, or a task bug
             self.opt.zero_grad()
             return {"ok": False, "worker_id": self.worker_id, "steps_done": self.steps_done,
-                    "error": f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}",
+                    "error": _error_line(exc),
                     "communication": _is_communication_error(exc)}
         self.steps_done += 1
         self._set_context()
@@ -359,6 +359,14 @@ class ElasticWorker:
 
     def ping(self) -> bool:
         return True
+
+
+def _error_line(exc: BaseException) -> str:
+    """One line: the exception; for one re-raised from a DataLoader process, the original's last line."""
+    lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
+    if lines and lines[0].startswith("Caught ") and "DataLoader worker" in lines[0] and len(lines) > 1:
+        return f"{lines[-1]} (in a DataLoader worker process)"
+    return f"{type(exc).__name__}: {lines[0] if lines else ''}"
 
 
 def _is_communication_error(exc: BaseException) -> bool:

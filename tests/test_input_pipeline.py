@@ -224,3 +224,39 @@ def test_rank_step_draws_are_reproducible_and_differ_by_step():
     assert step_draws(0) == step_draws(0)
     assert len(set(step_draws(0))) == 3
     assert step_draws(0) != step_draws(1)
+
+
+class BrokenSampleTask:
+    def build_model(self):
+        return torch.nn.Linear(4, 2)
+
+    def train_dataset(self):
+        class Broken(torch.utils.data.Dataset):
+            def __len__(self):
+                return 64
+
+            def __getitem__(self, i):
+                if i == 5:
+                    raise ValueError("sample 5 is corrupt")
+                return torch.zeros(4), torch.tensor(0)
+
+        return Broken()
+
+    def loss(self, model, batch):
+        x, y = batch
+        return torch.nn.functional.cross_entropy(model(x), y)
+
+    def evaluate(self, model):
+        return {}
+
+
+@pytest.mark.parametrize("num_workers", [0, 1])
+def test_a_failing_sample_is_reported_in_one_line_with_its_message(num_workers):
+    spec = parse_job_spec({"name": "broken", "task": "tests.test_input_pipeline:BrokenSampleTask",
+                           "batch_size_per_worker": 64, "total_progress": 4,
+                           "optimizer": {"name": "sgd", "lr": 0.1}, "data": {"num_workers": num_workers}})
+    worker = ElasticWorker(spec, "w0")
+    plan = ElasticSampler(64, 0).plan(64, 1, 1)
+    report = worker.train_steps([plan.shard_keys(0)])[0]
+    assert not report["ok"] and not report["communication"]
+    assert "ValueError: sample 5 is corrupt" in report["error"] and "\n" not in report["error"]
