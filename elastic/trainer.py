@@ -338,7 +338,8 @@ class ElasticTrainer:
                 # A call never runs past a checkpoint step, so the group's state is that step's.
                 if self._steps // spec.checkpoint.every_steps > steps_before // spec.checkpoint.every_steps:
                     self._checkpoint()
-                self._maybe_evaluate(display)
+                # An evaluation is not part of a resize pause measured from this boundary.
+                boundary_s += self._maybe_evaluate(display)
                 if self._consecutive_skips >= spec.failure.max_consecutive_skipped_steps:
                     raise TrainerError(f"{self._consecutive_skips} steps in a row had non-finite gradients "
                                        "(failure.max_consecutive_skipped_steps); lower the learning rate")
@@ -388,15 +389,18 @@ class ElasticTrainer:
         return count
 
     # ---------------------------------------------------------------- evaluation during training
-    def _maybe_evaluate(self, display: _ProgressDisplay) -> None:
-        """evaluation.every_progress: evaluate on rank 0 once tau passed the next multiple."""
+    def _maybe_evaluate(self, display: _ProgressDisplay) -> float:
+        """evaluation.every_progress: evaluate on rank 0 once tau passed the next multiple; returns
+        the seconds it took (0 if it did not run)."""
         every = self.spec.evaluation.every_progress
         progress = float(self._last.get("progress", 0.0))
         if every is None or progress < self._next_eval_progress or progress >= self.spec.total_progress:
-            return
+            return 0.0
+        started = time.perf_counter()
         self._next_eval_progress = (progress // every + 1) * every
         self._record_eval(self.group.evaluate(), progress)
         display.update(self._last, self.group.size, self.sampler.samples_consumed)
+        return time.perf_counter() - started
 
     def _record_eval(self, evaluation: dict[str, float], progress: float) -> None:
         with self._lock:
