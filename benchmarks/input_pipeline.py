@@ -249,6 +249,8 @@ class ElasticArm:
         self.loader_workers = int(ready[0].info["loader_workers"])
         self.sampler = ElasticSampler(ready[0].info["dataset_len"], 0)
         self.steps_per_call = 1
+        self.data_wait_s: list[float] = []
+        self.compute_s: list[float] = []
 
     def run(self, steps: int) -> float:
         started = time.perf_counter()
@@ -263,6 +265,9 @@ class ElasticArm:
                 raise BenchmarkError("an elastic step did not complete")
             for plan in plans:
                 self.sampler.commit(plan)
+            for outcome in outcomes:
+                self.data_wait_s.append(max(r["data_wait_s"] for r in outcome.results))
+                self.compute_s.append(max(r["compute_s"] for r in outcome.results))
             step_times.append((time.perf_counter() - call_started) / count)
             done += count
         self._tune(statistics.median(step_times))
@@ -286,6 +291,10 @@ class ThroughputResult:
     steps_per_call: int
     plain_samples_s: list[float]
     elastic_samples_s: list[float]
+    elastic_data_wait_ms: float = float("nan")
+    """Median over timed steps of the slowest rank's wait for its batches inside the step."""
+    elastic_step_ms: float = float("nan")
+    """Median over timed steps of the slowest rank's time in ``train_step`` (wait included)."""
 
     @property
     def pairs(self) -> list[float]:
@@ -329,18 +338,27 @@ def measure(worlds: Sequence[int], blocks: int, block_steps: int, log: Callable[
                 if elastic.loader_workers != LOADER["num_workers"]:
                     raise BenchmarkError(f"elastic workers run {elastic.loader_workers} loader workers")
                 plain_rates, elastic_rates = [], []
+                timed_from = 0
                 for b in range(blocks + 1):
                     order = ("elastic", "plain") if b % 2 == 0 else ("plain", "elastic")
                     rates = {}
+                    first = len(elastic.compute_s)
                     for arm in order:
                         seconds = (elastic if arm == "elastic" else plain).run(block_steps)
                         rates[arm] = world * BATCH * block_steps / seconds
+                    if b == 0:
+                        timed_from = len(elastic.data_wait_s)
                     if b > 0:  # block 0 of each arm is a warm-up
                         plain_rates.append(rates["plain"])
                         elastic_rates.append(rates["elastic"])
                     log(f"world {world}: block {b}/{blocks}{' (warm-up)' if b == 0 else ''}: plain {rates['plain']:.0f} "
-                        f"samples/s, elastic {rates['elastic']:.0f} samples/s ({elastic.steps_per_call} steps/call)")
-                results.append(ThroughputResult(world, blocks, block_steps, elastic.steps_per_call, plain_rates, elastic_rates))
+                        f"samples/s, elastic {rates['elastic']:.0f} samples/s ({elastic.steps_per_call} steps/call; "
+                        f"in the actor {1e3 * statistics.median(elastic.compute_s[first:]):.1f} ms/step, waiting "
+                        f"{1e3 * statistics.median(elastic.data_wait_s[first:]):.1f})")
+                results.append(ThroughputResult(
+                    world, blocks, block_steps, elastic.steps_per_call, plain_rates, elastic_rates,
+                    elastic_data_wait_ms=1e3 * statistics.median(elastic.data_wait_s[timed_from:]),
+                    elastic_step_ms=1e3 * statistics.median(elastic.compute_s[timed_from:])))
             finally:
                 elastic.close()
                 plain.close()
@@ -359,7 +377,7 @@ class _nullcontext:
 
 
 HEADERS = ["workers", "plain loop (samples/s, median)", "elastic (samples/s, median)", "ratio of medians",
-           "ratio, median of block pairs [min, max]", "target"]
+           "ratio, median of block pairs [min, max]", "target", "elastic: step in the actor / of it waiting for data (ms)"]
 
 
 def report(results: Sequence[ThroughputResult], components: tuple[float, float], command: str,
@@ -370,7 +388,8 @@ def report(results: Sequence[ThroughputResult], components: tuple[float, float],
         verdict = "met" if r.paired_ratio >= TARGET_RATIO else "missed"
         rows.append([f"{r.world} vs {'plain DDP, ' if r.world > 1 else ''}{r.world} process{'es' if r.world > 1 else ''}",
                      f"{plain:.0f}", f"{elastic:.0f}", f"{elastic / plain:.3f}",
-                     f"{r.paired_ratio:.3f} [{min(r.pairs):.3f}, {max(r.pairs):.3f}]", f">= {TARGET_RATIO}: {verdict}"])
+                     f"{r.paired_ratio:.3f} [{min(r.pairs):.3f}, {max(r.pairs):.3f}]", f">= {TARGET_RATIO}: {verdict}",
+                     f"{r.elastic_step_ms:.1f} / {r.elastic_data_wait_ms:.1f}"])
     load_ms, step_ms = components
     return "\n".join([
         "# Input pipeline: elastic workers vs a plain PyTorch loop, same DataLoader settings",
