@@ -327,6 +327,64 @@ def component_ms(samples: int = 256) -> tuple[float, float]:
     return load_ms, 1e3 * statistics.median(times[2:])
 
 
+def in_process_pairs(blocks: int, block_steps: int) -> list[float]:
+    """Without Ray: the worker's own step path (``ElasticWorker.train_steps`` with its InputPipeline
+    and lookahead) and the plain DataLoader loop in this one process, alternating blocks; returns
+    each pair's throughput ratio (worker / plain). Isolates the input pipeline from Ray's processes."""
+    from torch.utils.data import DataLoader
+
+    from elastic.sampler import ElasticSampler
+    from elastic.worker import ElasticWorker, build_adascale
+
+    torch.set_num_threads(1)
+    spec = job_spec(1)
+    worker = ElasticWorker(spec, "in-process")
+    sampler = ElasticSampler(len(worker.dataset), spec.seed)
+    calls = 10
+
+    def worker_block() -> float:
+        started = time.perf_counter()
+        for _ in range(0, block_steps, calls):
+            plans = sampler.plan_many(BATCH, 1, 1, calls)
+            worker.train_steps([p.shard_keys(0) for p in plans],
+                               [p.shard_keys(0) for p in sampler.lookahead(plans[-1], worker.pipeline.settings.prefetch_batches)])
+            for p in plans:
+                sampler.commit(p)
+        return time.perf_counter() - started
+
+    torch.manual_seed(0)
+    task = DecodeHeavyTask()
+    model = task.build_model()
+    opt = build_adascale(spec, model)
+    loader = DataLoader(task.train_dataset(), batch_size=BATCH, shuffle=True, drop_last=True, **LOADER)
+
+    def batches():
+        while True:
+            yield from loader
+
+    stream = batches()
+
+    def plain_block() -> float:
+        started = time.perf_counter()
+        for _ in range(0, block_steps, calls):
+            for _ in range(calls):
+                task.loss(model, next(stream)).backward()
+                opt.step()
+                opt.zero_grad()
+        return time.perf_counter() - started
+
+    pairs = []
+    for b in range(blocks + 1):
+        if b % 2 == 0:
+            w, p = worker_block(), plain_block()
+        else:
+            p, w = plain_block(), worker_block()
+        if b > 0:  # the first pair is a warm-up
+            pairs.append(p / w)
+    worker.pipeline.close()
+    return pairs
+
+
 def measure(worlds: Sequence[int], blocks: int, block_steps: int, log: Callable[[str], None] = print,
             cluster: Any = None) -> list[ThroughputResult]:
     results = []
@@ -381,7 +439,7 @@ HEADERS = ["workers", "plain loop (samples/s, median)", "elastic (samples/s, med
 
 
 def report(results: Sequence[ThroughputResult], components: tuple[float, float], command: str,
-           load_before: str, load_after: str, elapsed_s: float) -> str:
+           load_before: str, load_after: str, elapsed_s: float, in_process: Sequence[float] = ()) -> str:
     rows = []
     for r in results:
         plain, elastic = statistics.median(r.plain_samples_s), statistics.median(r.elastic_samples_s)
@@ -406,7 +464,12 @@ def report(results: Sequence[ThroughputResult], components: tuple[float, float],
         f"{results[0].block_steps if results else 0} steps per arm, alternating.",
         "",
         markdown_table(HEADERS, rows),
-    ])
+    ] + ([
+        "",
+        f"Without Ray (the worker's step path with its InputPipeline vs the plain loop, in one process, "
+        f"{len(in_process)} alternating block pairs): throughput ratio median {statistics.median(in_process):.3f} "
+        f"[{min(in_process):.3f}, {max(in_process):.3f}].",
+    ] if in_process else []))
 
 
 def main(argv: Sequence[str] | None = None, cluster: Any = None) -> int:
@@ -426,8 +489,10 @@ def main(argv: Sequence[str] | None = None, cluster: Any = None) -> int:
     load_before = machine_load()
     started = time.monotonic()
     components = component_ms()
+    in_process = in_process_pairs(blocks, block_steps)
     results = measure(worlds, blocks, block_steps, cluster=cluster)
-    text = report(results, components, command.strip(), load_before, machine_load(), time.monotonic() - started)
+    text = report(results, components, command.strip(), load_before, machine_load(), time.monotonic() - started,
+                  in_process)
     path = write_result(Path(args.out) / "input_pipeline.md", text)
     print(text)
     print(f"written to {path}")

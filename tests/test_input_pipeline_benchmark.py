@@ -45,4 +45,4 @@ def test_quick_mode_writes_the_table(tmp_path):
     assert len(rows) == 1 and rows[0][0] == "1 vs 1 process"
     plain, elastic, ratio = (float(x) for x in rows[0][1:4])
     assert plain > 0 and elastic > 0 and ratio == pytest.approx(elastic / plain, rel=0.01)
-    assert "load average" in text and "decode + augment" in text
+    assert "load average" in text and "decode + augment" in text and "Without Ray" in text
