@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import inspect
+import os
 import random
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -260,3 +264,14 @@ def test_a_failing_sample_is_reported_in_one_line_with_its_message(num_workers):
     report = worker.train_steps([plan.shard_keys(0)])[0]
     assert not report["ok"] and not report["communication"]
     assert "ValueError: sample 5 is corrupt" in report["error"] and "\n" not in report["error"]
+
+
+@pytest.mark.skipif(not hasattr(os, "geteuid") or os.geteuid() != 0, reason="raising priority needs CAP_SYS_NICE")
+def test_worker_undoes_rays_niceness():
+    # Ray starts worker processes at niceness 15; the training worker (and its loader processes)
+    # go back to 0 where the process may do so.
+    code = ("import os; os.nice(15); from elastic.worker import _normal_priority; "
+            "_normal_priority(); print(os.getpriority(os.PRIO_PROCESS, 0))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         cwd=Path(__file__).resolve().parents[1])
+    assert out.stdout.strip() == "0"
