@@ -263,7 +263,13 @@ ROWS: tuple[RowSpec, ...] = (
             "Training loss",
             "Loss of the last step (mean over the global batch).",
             (q(sel("elastic_loss"), "loss"),),
-            span=24, log_scale=True),
+            span=12, log_scale=True),
+        PanelSpec(
+            "Evaluation metrics",
+            "The task's evaluate(model) during training (evaluation.every_progress), one series per "
+            "metric name (elastic_eval_metric{name}); empty until the first evaluation.",
+            (q(sel("elastic_eval_metric"), "{{name}}"),),
+            span=12),
     )),
     RowSpec("Throughput", (
         PanelSpec(

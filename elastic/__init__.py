@@ -22,6 +22,8 @@ _EXPORTS = {
     "ElasticSampler": "elastic.sampler",
     "ElasticTrainer": "elastic.trainer",
     "load_job_spec": "elastic.config",
+    "get_context": "elastic.task",
+    "WorkerContext": "elastic.task",
 }
 __all__ = sorted(_EXPORTS)
 __version__ = "0.1.0"

@@ -34,6 +34,8 @@ __all__ = [
     "CheckpointConfig",
     "ClusterConfig",
     "ConfigError",
+    "DataConfig",
+    "EvaluationConfig",
     "FailureConfig",
     "JobSpec",
     "LRScheduleConfig",
@@ -41,6 +43,7 @@ __all__ = [
     "OptimizerConfig",
     "ScalingConfig",
     "ScalingStep",
+    "TrainingConfig",
     "WorkersConfig",
     "load_job_spec",
     "parse_job_spec",
@@ -99,6 +102,18 @@ def _auto_or_positive_int(value: Any) -> Any:
 AutoOrInt = Annotated[Union[Literal["auto"], int], BeforeValidator(_auto_or_positive_int)]
 """``"auto"`` or a whole number >= 1."""
 
+
+def _auto_or_natural_int(value: Any) -> Any:
+    if value == "auto" and isinstance(value, str):
+        return value
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise _error(f"must be 'auto' or an int >= 0 (got {_short_repr(value)})")
+    return value
+
+
+AutoOrZeroInt = Annotated[Union[Literal["auto"], int], BeforeValidator(_auto_or_natural_int)]
+"""``"auto"`` or a whole number >= 0."""
+
 _DNS_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
 _IMPORT_PATH = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*:[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*$")
 
@@ -148,10 +163,13 @@ class _Section(BaseModel):
 class OptimizerConfig(_Section):
     """The base optimizer that AdaScale wraps."""
 
-    name: Literal["sgd", "adam", "adamw"]
-    """torch.optim class: ``sgd``, ``adam`` or ``adamw`` (AdaScale applies the square-root gain to Adam)."""
-    lr: Float = Field(gt=0)
-    """Base learning rate at scale 1 (one worker's batch); AdaScale multiplies it by the gain."""
+    name: Literal["sgd", "adam", "adamw", "task"]
+    """torch.optim class: ``sgd``, ``adam`` or ``adamw`` (AdaScale applies the square-root gain to Adam);
+    ``task``: the task's ``build_optimizer(model)`` builds it (any torch.optim optimizer, parameter
+    groups, optionally a torch LR scheduler), and AdaScale wraps it."""
+    lr: Optional[Float] = Field(default=None, gt=0)
+    """Base learning rate at scale 1 (one worker's batch); AdaScale multiplies it by the gain.
+    Required unless name=task (whose optimizer carries its own)."""
     momentum: Float = Field(default=0.0, ge=0, lt=1)
     """SGD momentum in [0, 1); sgd only."""
     weight_decay: Float = Field(default=0.0, ge=0)
@@ -165,6 +183,13 @@ class OptimizerConfig(_Section):
     @model_validator(mode="after")
     def _options_match_optimizer(self) -> OptimizerConfig:
         problems = _Problems("OptimizerConfig")
+        if self.name == "task":
+            for key in sorted(self.model_fields_set - {"name"}):
+                problems.add((key,), "not used by name=task (the task's build_optimizer sets it)", getattr(self, key))
+            problems.raise_if_any()
+            return self
+        if self.lr is None:
+            problems.add(("lr",), "required field is missing", None)
         if self.name == "sgd" and self.betas is not None:
             problems.add(("betas",), "only used by name=adam or adamw (got name=sgd)", self.betas)
         if self.name != "sgd" and self.momentum != 0.0:
@@ -402,6 +427,45 @@ class RuntimeEnvConfig(_Section):
     """gitignore-style patterns left out of ``working_dir`` and ``py_modules`` uploads."""
 
 
+class DataConfig(_Section):
+    """The worker's input pipeline: a torch DataLoader over its shard of the sampler's plan."""
+
+    num_workers: AutoOrZeroInt = "auto"
+    """DataLoader worker processes per elastic worker; 0 loads in the training process. ``auto``:
+    the worker's CPUs (cluster.num_cpus_per_worker) less one, at least 1 and at most 4 (0 on a
+    one-core machine)."""
+    prefetch_factor: Int = Field(default=2, ge=1)
+    """Micro-batches each loader worker prepares ahead (>= 1); with num_workers > 0 only."""
+    pin_memory: Bool = True
+    """Page-locked host batches for faster copies to the GPU (ignored on CPU workers)."""
+    persistent_workers: Bool = True
+    """Keep the loader's processes for the whole job (false: start them again after every
+    change of plan, e.g. a resize)."""
+    multiprocessing_context: Optional[Literal["fork", "spawn", "forkserver"]] = None
+    """How loader workers start; default the platform's (fork on Linux). ``spawn`` needs a
+    picklable dataset."""
+
+
+class TrainingConfig(_Section):
+    """Controls of the optimizer step."""
+
+    max_grad_norm: Optional[Float] = Field(default=None, gt=0)
+    """Clip the total gradient norm to this value before each update (torch's clip_grad_norm_);
+    AdaScale's statistics are taken from the unclipped gradients. Default: no clipping."""
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    """``fp32``; ``bf16`` (autocast of forward and loss to bfloat16); ``fp16`` (autocast to float16
+    with a dynamic GradScaler; overflowing steps are skipped and counted)."""
+
+
+class EvaluationConfig(_Section):
+    """The task's evaluate(model) during training (always once at the end)."""
+
+    every_progress: Optional[Float] = Field(default=None, gt=0)
+    """Evaluate on rank 0 each time progress tau passes a multiple of this (at the first call
+    boundary after it); its metrics go to the progress line, the metrics log, ``elastic report``
+    and Prometheus (elastic_eval_metric). Default: only at the end."""
+
+
 class JobSpec(_Section):
     """A whole training job. Build it with :func:`load_job_spec` or :func:`parse_job_spec`."""
 
@@ -418,7 +482,8 @@ class JobSpec(_Section):
     total_progress: Float = Field(gt=0)
     """Progress tau at which training stops, in scale-1 iterations."""
     seed: Int = 0
-    """Seeds the model initialisation and the data order."""
+    """Seeds the model initialisation, the data order and every derived random stream: each
+    sample's loading from (seed, epoch, index), each rank's step from (seed, rank, step)."""
     optimizer: OptimizerConfig
     """Base optimizer."""
     lr_schedule: LRScheduleConfig = Field(default_factory=LRScheduleConfig)
@@ -441,6 +506,12 @@ class JobSpec(_Section):
     """Failure handling."""
     runtime_env: RuntimeEnvConfig = Field(default_factory=RuntimeEnvConfig)
     """Ray runtime_env of the workers (code, packages, environment variables)."""
+    data: DataConfig = Field(default_factory=DataConfig)
+    """Input pipeline (DataLoader settings)."""
+    training: TrainingConfig = Field(default_factory=TrainingConfig)
+    """Gradient clipping and numeric precision."""
+    evaluation: EvaluationConfig = Field(default_factory=EvaluationConfig)
+    """Evaluation during training."""
 
     @model_validator(mode="before")
     @classmethod

@@ -215,7 +215,8 @@ class WorkerGroup:
         """Run one step on every rank (see :meth:`run_steps`)."""
         return self.run_steps([plan])[-1]
 
-    def run_steps(self, plans: Sequence[StepPlan], expected_step_s: float | None = None) -> list[StepOutcome]:
+    def run_steps(self, plans: Sequence[StepPlan], expected_step_s: float | None = None,
+                  lookahead: Sequence[StepPlan] = ()) -> list[StepOutcome]:
         """Run consecutive steps, one actor call per rank for all of them; one outcome per step that ran.
 
         Every outcome but the last is completed. When a rank is lost, the group re-forms around the
@@ -223,10 +224,12 @@ class WorkerGroup:
         only if a survivor completed it (else abandoned: its outcome is the last, not completed) and
         the plans after it never ran. ``expected_step_s`` (the usual step time) bounds how long a
         silent rank is waited for; without it each step gets the full ``STEP_TIMEOUT_S``.
+        ``lookahead``: the plans expected next (not run; the workers' input pipelines prefetch them).
         """
         if not plans:
             return []
-        refs = [m.actor.train_steps.remote([p.shard(rank) for p in plans]) for rank, m in enumerate(self.members)]
+        refs = [m.actor.train_steps.remote([p.shard_keys(rank) for p in plans], [p.shard_keys(rank) for p in lookahead])
+                for rank, m in enumerate(self.members)]
         budget = STEP_TIMEOUT_S * len(plans) if expected_step_s is None else \
             STEP_TIMEOUT_S + 10.0 * expected_step_s * len(plans)
         deadline = time.monotonic() + budget

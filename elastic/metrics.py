@@ -30,9 +30,9 @@ import math
 import socket
 import threading
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, Any, Mapping
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
@@ -79,6 +79,7 @@ TRAINER_METRIC_NAMES: tuple[str, ...] = (
     "elastic_skipped_steps_total",
     "elastic_checkpoints_total",
     "elastic_checkpoint_seconds",
+    "elastic_eval_metric",
 )
 CONTROLLER_METRIC_NAMES: tuple[str, ...] = (
     "elastic_controller_desired_workers",
@@ -143,6 +144,9 @@ class StepRecord:
     """Throughput of this step."""
     goodput: float
     """samples_per_s * efficiency: samples per second worth of scale-1 progress."""
+    task_metrics: Mapping[str, float] = field(default_factory=dict)
+    """Scalar metrics the task's loss reported for the step (mean over micro-batches and ranks);
+    only logged."""
 
     def __post_init__(self) -> None:
         for name in ("workers", "target_workers", "global_batch_size"):
@@ -290,7 +294,19 @@ class TrainerMetrics:
         self._checkpoint_seconds = _register(Histogram, "elastic_checkpoint_seconds",
                                              "Time to write one checkpoint.", r,
                                              buckets=CHECKPOINT_SECONDS_BUCKETS).labels(**job)
+        self._eval = _register(Gauge, "elastic_eval_metric",
+                               "The task's evaluation metrics during training, by name.", r, labels=("name",))
         self._log = _EventLog(log_path, self.job_name)
+
+    def record_eval(self, metrics: Mapping[str, float], progress: float, step: int, *,
+                    time_s: float | None = None) -> None:
+        """One evaluation of the model during (or at the end of) training."""
+        for name, value in metrics.items():
+            if not name:
+                raise MetricsError("eval metric name: must be a non-empty string")
+            self._eval.labels(name=name, job_name=self.job_name).set(float(value))
+        self._log.write("eval", time_s, progress=progress, step=step,
+                        metrics={k: _json_safe(float(v)) for k, v in metrics.items()})
 
     def record_step(self, rec: StepRecord) -> None:
         self._workers.set(rec.workers)
@@ -310,6 +326,9 @@ class TrainerMetrics:
         self._step_seconds.observe(rec.step_seconds)
         fields = asdict(rec)
         time_s = fields.pop("time_s")
+        task_metrics = fields.pop("task_metrics")
+        if task_metrics:
+            fields["task_metrics"] = {k: _json_safe(float(v)) for k, v in task_metrics.items()}
         self._log.write("step", time_s, **fields)
 
     def record_resize(self, direction: str, cause: str, pause_s: float,
@@ -358,6 +377,10 @@ class NullTrainerMetrics:
     """Metrics switched off: same methods as TrainerMetrics, each does nothing."""
 
     def record_step(self, rec: StepRecord) -> None:
+        pass
+
+    def record_eval(self, metrics: Mapping[str, float], progress: float, step: int, *,
+                    time_s: float | None = None) -> None:
         pass
 
     def record_resize(self, direction: str, cause: str, pause_s: float,

@@ -1,7 +1,8 @@
 """`elastic report RUN_DIR`: one PNG of a run, drawn from the event log ``RUN_DIR/metrics.jsonl``.
 
 Stacked panels share the x axis (wall time since the first event): workers and target, AdaScale
-scale S, gain ratio r_t, effective learning rate, progress tau, and loss. Resizes are vertical
+scale S, gain ratio r_t, effective learning rate, progress tau, loss, and (when the run evaluated
+during training) the task's evaluation metrics, one line per metric. Resizes are vertical
 lines across all panels (green: grow, red: shrink); worker failures are dotted black lines.
 The log is the one ``elastic.metrics.TrainerMetrics`` writes (one JSON object per line).
 """
@@ -31,6 +32,7 @@ class RunLog:
     steps: list[dict[str, Any]] = field(default_factory=list)
     resizes: list[dict[str, Any]] = field(default_factory=list)
     failures: list[dict[str, Any]] = field(default_factory=list)
+    evals: list[dict[str, Any]] = field(default_factory=list)
     other: list[dict[str, Any]] = field(default_factory=list)
 
     @property
@@ -62,6 +64,8 @@ def read_log(path: Path) -> RunLog:
             log.resizes.append(event)
         elif kind == "failure":
             log.failures.append(event)
+        elif kind == "eval" and isinstance(event.get("metrics"), dict):
+            log.evals.append(event)
         else:
             log.other.append(event)
     if not log.steps:
@@ -110,6 +114,11 @@ def draw_report(run_dir: Path, out: Path | None = None) -> Path:
         ("progress tau", [("tau", _series(log.steps, "progress"), {})], False),
         ("loss", [("loss", _series(log.steps, "loss"), {})], True),
     ]
+    eval_x = x(log.evals)
+    if log.evals:
+        names = sorted({k for e in log.evals for k in e["metrics"]})
+        panels.append(("evaluation", [(n, [math.nan if e["metrics"].get(n) is None else float(e["metrics"][n])
+                                           for e in log.evals], {"marker": "o", "x": eval_x}) for n in names], False))
 
     fig, axes = plt.subplots(len(panels), 1, sharex=True, figsize=(10, 2.0 * len(panels)),
                              constrained_layout=True)
@@ -121,12 +130,13 @@ def draw_report(run_dir: Path, out: Path | None = None) -> Path:
     starts = [e for e in log.other if e.get("kind") == "run" and e.get("resume")]  # where each resume began
     for ax, (ylabel, lines, log_scale) in zip(axes, panels):
         for label, ys, style in lines:
-            ax.plot(xs, ys, label=label, linewidth=1.2, **style)
+            style = dict(style)
+            ax.plot(style.pop("x", xs), ys, label=label, linewidth=1.2, **style)
         ax.set_ylabel(ylabel)
         ax.grid(True, alpha=0.3)
         if log_scale and all(v > 0 for v in lines[0][1] if not math.isnan(v)):
             ax.set_yscale("log")
-        if len(lines) > 1:
+        if len(lines) > 1 or ylabel == "evaluation":
             ax.legend(loc="upper left", fontsize="small")
         for event, t in zip(log.resizes, x(log.resizes)):
             ax.axvline(t, color="tab:green" if event.get("direction") == "grow" else "tab:red",

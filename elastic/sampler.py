@@ -86,6 +86,20 @@ class StepPlan:
             for k in range(self.accumulation_steps)
         ]
 
+    def shard_keys(self, rank: int) -> list[list[tuple[int, int]]]:
+        """:meth:`shard` with each index's epoch: micro-batches of ``(epoch, index)`` sample keys.
+
+        A batch that spans the epoch boundary ends with ``cursor_after`` samples of the next epoch."""
+        micro = self.micro_batch_size
+        start = rank * micro * self.accumulation_steps
+        boundary = len(self.indices) - (self.cursor_after if self.epoch_after > self.epoch_before else 0)
+        keys = []
+        for k, indices in enumerate(self.shard(rank)):
+            first = start + k * micro
+            keys.append([(self.epoch_before if first + j < boundary else self.epoch_before + 1, i)
+                         for j, i in enumerate(indices)])
+        return keys
+
 
 def _positive_int(name: str, value: Any) -> int:
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
@@ -214,6 +228,20 @@ class ElasticSampler:
         plans: list[StepPlan] = []
         for _ in range(_positive_int("count", count)):
             plans.append(self.plan(global_batch, world_size, accumulation_steps, after=plans[-1] if plans else None))
+        return plans
+
+    def lookahead(self, after: StepPlan, micro_batches: int) -> list[StepPlan]:
+        """The steps that follow ``after`` at its geometry (same world size and accumulation),
+        enough of them for ``micro_batches`` micro-batches per rank; [] for 0. Does not advance.
+
+        The workers' input pipelines prefetch these while the current steps run; the plans are
+        never committed: if the next call plans other steps (a resize, a failure), they are dropped."""
+        if isinstance(micro_batches, bool) or not isinstance(micro_batches, int) or micro_batches < 0:
+            raise SamplerError(f"micro_batches: must be an int >= 0 (got {micro_batches!r})")
+        plans: list[StepPlan] = []
+        for _ in range(-(-micro_batches // after.accumulation_steps)):
+            plans.append(self.plan(after.global_batch, after.world_size, after.accumulation_steps,
+                                   after=plans[-1] if plans else after))
         return plans
 
     def commit(self, plan: StepPlan) -> None:

@@ -154,6 +154,12 @@ class ElasticTrainer:
         self.sampler: ElasticSampler | None = None
         self.metrics: Any = NullTrainerMetrics()
         self._exporter: Any = None
+        self._prefetch_batches = 0
+        self._loader_workers = 0
+        every = spec.evaluation.every_progress
+        self._next_eval_progress = every if every is not None else float("inf")
+        self._last_eval: dict[str, float] = {}
+        self._evaluations: list[dict[str, float]] = []
 
     # ================================================================ public entry point
     def run(self) -> RunSummary:
@@ -373,6 +379,10 @@ class ElasticTrainer:
             raise TrainerError(f"dataset has {dataset_len} samples, smaller than one global batch of {biggest} "
                                f"at workers.max={spec.workers.max}")
         self.sampler = ElasticSampler(dataset_len, spec.seed)
+        # The workers' loaders keep this many micro-batches in flight; the steps after each call are
+        # planned (not committed) so that they stay busy across the call boundary.
+        self._prefetch_batches = int(ready[0].info.get("prefetch_batches", 0))
+        self._loader_workers = int(ready[0].info.get("loader_workers", 0))
         if restored is not None:
             self._restore(restored)
         self.group.start(ready, restored["worker"] if restored else None)
@@ -408,7 +418,8 @@ class ElasticTrainer:
                 # Until its outcomes are all recorded, the workers may hold updates of steps the
                 # sampler has not committed: no checkpoint may be taken from them meanwhile.
                 self._call_in_flight = len(plans) > 1
-                outcomes = self.group.run_steps(plans, expected_step_s=self._median_step_s(world))
+                outcomes = self.group.run_steps(plans, expected_step_s=self._median_step_s(world),
+                                                lookahead=self.sampler.lookahead(plans[-1], self._prefetch_batches))
                 boundary_s = time.perf_counter()
                 recovery_s = sum(o.recovery_s for o in outcomes)
                 step_s = (boundary_s - step_started - recovery_s) / len(outcomes)
@@ -432,6 +443,8 @@ class ElasticTrainer:
                 # A call never runs past a checkpoint step, so the group's state is that step's.
                 if self._steps // spec.checkpoint.every_steps > steps_before // spec.checkpoint.every_steps:
                     self._checkpoint()
+                # An evaluation is not part of a resize pause measured from this boundary.
+                boundary_s += self._maybe_evaluate(display)
                 if self._consecutive_skips >= spec.failure.max_consecutive_skipped_steps:
                     raise TrainerError(f"{self._consecutive_skips} steps in a row had non-finite gradients "
                                        "(failure.max_consecutive_skipped_steps); lower the learning rate")
@@ -441,6 +454,8 @@ class ElasticTrainer:
             # Stopped by a signal: the checkpoint first, and no evaluation, which may take longer than
             # the grace period left (Kubernetes: 30 s by default); the next run evaluates.
             evaluation = {} if self._stop_signal is not None else self.group.evaluate()
+            if evaluation:
+                self._record_eval(evaluation, tau)
             if self.group.size > 0:
                 self._checkpoint()
             self.state.enter(Phase.DONE, f"{self._steps} steps, tau {tau:.1f}")
@@ -525,6 +540,29 @@ class ElasticTrainer:
         if at_progress is not None and tau < at_progress:
             count = min(count, max(1, math.ceil((at_progress - tau) / scale)))
         return count
+
+    # ---------------------------------------------------------------- evaluation during training
+    def _maybe_evaluate(self, display: _ProgressDisplay) -> float:
+        """evaluation.every_progress: evaluate on rank 0 once tau passed the next multiple; returns
+        the seconds it took (0 if it did not run)."""
+        every = self.spec.evaluation.every_progress
+        progress = float(self._last.get("progress", 0.0))
+        if every is None or progress < self._next_eval_progress or progress >= self.spec.total_progress:
+            return 0.0
+        started = time.perf_counter()
+        self._next_eval_progress = (progress // every + 1) * every
+        self._record_eval(self.group.evaluate(), progress)
+        display.update(self._last, self.group.size, self.sampler.samples_consumed)
+        return time.perf_counter() - started
+
+    def _record_eval(self, evaluation: dict[str, float], progress: float) -> None:
+        with self._lock:
+            self._last_eval = dict(evaluation)
+            self._last["eval"] = dict(evaluation)
+        self._evaluations.append({"progress": progress, "step": self._steps, **evaluation})
+        self.metrics.record_eval(evaluation, progress, self._steps)
+        logger.info("evaluation at tau %.1f: %s", progress,
+                    "  ".join(f"{k} {v:.4g}" for k, v in evaluation.items()))
 
     # ---------------------------------------------------------------- resizing at a boundary
     def _apply_target(self, boundary_s: float) -> tuple[int, int, str, str] | None:
@@ -661,9 +699,12 @@ class ElasticTrainer:
         spec = self.spec
         report = outcome.results[0]
         losses = [r["loss"] for r in outcome.results]
+        verified = self._check_loaded_samples(outcome, plan)
+        task_metrics = _mean_of_dicts([r.get("metrics", {}) for r in outcome.results])
         self._steps += 1
         with self._lock:
-            self._last = {**report, "loss": sum(losses) / len(losses), "step_s": step_s}
+            self._last = {**report, "loss": sum(losses) / len(losses), "step_s": step_s,
+                          "metrics": task_metrics, "eval": self._last_eval}
             self._step_times.setdefault(world, collections.deque(maxlen=50)).append(step_s)
         if report["skipped"]:
             self._skipped += 1
@@ -680,13 +721,32 @@ class ElasticTrainer:
             efficiency=report["efficiency"], progress=report["progress"],
             learning_rate=report["learning_rate"], grad_variance=report["grad_variance"],
             grad_sqnorm=report["grad_sqnorm"], loss=self._last["loss"], step_seconds=step_s,
-            samples=samples, samples_per_s=rate, goodput=rate * report["efficiency"]))
+            samples=samples, samples_per_s=rate, goodput=rate * report["efficiency"],
+            task_metrics=task_metrics))
         if self._ledger_path is not None:
             with self._ledger_path.open("a") as f:
                 f.write(json.dumps({"step": self._steps, "world_size": world, "epoch": plan.epoch_before,
                                     "cursor": plan.cursor_before, "gain": report["gain"],
                                     "progress": report["progress"], "skipped": report["skipped"],
+                                    "verified_ranks": verified,
                                     "consumed": {str(k): list(v) for k, v in outcome.consumed.items()}}) + "\n")
+
+    def _check_loaded_samples(self, outcome, plan) -> int:
+        """Each rank reports a checksum of the sample keys its input pipeline actually delivered;
+        they must be the plan's, or a prefetched batch of another step was trained on."""
+        from elastic.data import keys_checksum
+
+        verified = 0
+        for r in outcome.results:
+            rank = r.get("rank")
+            if rank is None or "samples_crc" not in r:
+                continue
+            expected = keys_checksum(k for mb in plan.shard_keys(rank) for k in mb)
+            if r["samples_crc"] != expected:
+                raise TrainerError(f"step {self._steps + 1}: rank {rank} trained on other samples than planned "
+                                   "(input pipeline out of step); stopping before the data is counted")
+            verified += 1
+        return verified
 
     def _record_resize(self, from_workers: int, to_workers: int, direction: str, cause: str, pause_s: float) -> None:
         event = ResizeEvent(time.time(), self._last.get("progress", 0.0), from_workers, to_workers, direction, cause, pause_s)
@@ -809,7 +869,8 @@ class ElasticTrainer:
             checkpoint_step=self.checkpoints.latest_step(),
             metrics_url=self._exporter.url if self._exporter is not None else None,
             stopped_early=self._last.get("progress", 0.0) < self.spec.total_progress,
-            extra={"abandoned_steps": self._abandoned_steps, "missed_schedule_steps": self.missed_schedule_steps()},
+            extra={"abandoned_steps": self._abandoned_steps, "missed_schedule_steps": self.missed_schedule_steps(),
+                   "evaluations": list(self._evaluations), "loader_workers": self._loader_workers},
             run_id=self.run_id, stop_signal=self._stop_signal, resumed_from_step=self._resumed_from_step,
             total_elapsed_s=self._elapsed_before_s + time.monotonic() - self._started_s,
         )
@@ -831,6 +892,11 @@ def _start_exporter_or_free_port(registry: Any, settings) -> Any:
 
 #: Signals that stop a run at the next step boundary (SIGTERM: what Kubernetes sends a pod).
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+
+def _mean_of_dicts(dicts: list[dict[str, float]]) -> dict[str, float]:
+    names = sorted({k for d in dicts for k in d})
+    return {k: sum(d[k] for d in dicts if k in d) / sum(1 for d in dicts if k in d) for k in names}
 
 
 @contextlib.contextmanager
@@ -887,6 +953,9 @@ class _ProgressDisplay:
         line = (f"tau {last['progress']:8.1f}/{self.total:g}  workers {workers}  scale {last['scale']:g}  "
                 f"gain {last['gain']:5.2f}  lr {last['learning_rate']:.4g}  loss {last['loss']:.4f}  "
                 + (f"{rate:7.0f} samples/s" if rate is not None else "    ... samples/s"))
+        extra = {**last.get("metrics", {}), **{f"eval_{k}": v for k, v in last.get("eval", {}).items()}}
+        if extra:
+            line += "  " + "  ".join(f"{k} {v:.4g}" for k, v in extra.items())
         if self._live is not None:
             self._live.update(line)
         elif time.monotonic() - self._last_log >= self.LOG_EVERY_S:

@@ -27,6 +27,8 @@ def digits_spec(run_dir: Path, **overrides: Any) -> JobSpec:
         "scaling": {"policy": "fixed", "interval_s": 0.5},
         "checkpoint": {"every_steps": 50, "keep_last": 2},
         "metrics": {"enabled": False, "log": True},
+        # DataLoader worker processes with prefetch: the ledger checks hold with batches loaded ahead.
+        "data": {"num_workers": 1, "prefetch_factor": 2},
         "run_dir": str(run_dir),
     }
     return parse_job_spec(data, overrides=overrides)

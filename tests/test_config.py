@@ -151,7 +151,7 @@ MALFORMED = [
     ({"total_progress": True}, "total_progress: must be a number, not a boolean (got True)"),
     ({"name": "Digits_Run"}, "name: must be a DNS-1123 label: lowercase letters, digits and '-', starting and ending with a letter or digit, at most 63 characters (got 'Digits_Run')"),
     ({"task": "examples.digits.DigitsTask"}, "task: must be an import path 'package.module:ClassName' (got 'examples.digits.DigitsTask')"),
-    ({"optimizer": {"name": "rmsprop", "lr": 0.1}}, "optimizer.name: must be 'sgd', 'adam' or 'adamw' (got 'rmsprop')"),
+    ({"optimizer": {"name": "rmsprop", "lr": 0.1}}, "optimizer.name: must be 'sgd', 'adam', 'adamw' or 'task' (got 'rmsprop')"),
     ({"optimizer": {"name": "sgd", "lr": 0}}, "optimizer.lr: must be > 0 (got 0)"),
     ({"optimizer": {"name": "sgd", "lr": 0.1, "momentum": 1.0}}, "optimizer.momentum: must be < 1 (got 1.0)"),
     ({"optimizer": {"name": "sgd", "lr": 0.1, "betas": [0.9, 0.99]}}, "optimizer.betas: only used by name=adam or adamw (got name=sgd)"),
@@ -180,7 +180,7 @@ MALFORMED = [
     ({"seed": "abc"}, "seed: must be a valid integer (got 'abc')"),
     ({"task_args": [1, 2]}, "task_args: must be a mapping of keys to values (got [1, 2])"),
     ({"run_dir": ""}, "run_dir: must not be empty (got '')"),
-    ({"frobnicate": 1}, "frobnicate: unknown key; allowed keys: accumulation_steps, adascale, batch_size_per_worker, checkpoint, cluster, failure, lr_schedule, metrics, name, optimizer, run_dir, runtime_env, scaling, seed, task, task_args, total_progress, workers"),
+    ({"frobnicate": 1}, "frobnicate: unknown key; allowed keys: accumulation_steps, adascale, batch_size_per_worker, checkpoint, cluster, data, evaluation, failure, lr_schedule, metrics, name, optimizer, run_dir, runtime_env, scaling, seed, task, task_args, total_progress, training, workers"),
 ]
 
 

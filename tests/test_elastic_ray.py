@@ -64,6 +64,11 @@ def test_grow_shrink_kill_is_exactly_once(scripted_run):
 
     entries = read_ledger(scripted_run["run_dir"])
     assert [e["step"] for e in entries] == list(range(1, summary.steps + 1))
+    # Every rank's batches came through a DataLoader with a worker process, and every rank's
+    # checksum of the samples it was actually fed matched the plan (prefetched batches of steps
+    # abandoned by the resizes and the kill were dropped, not trained on).
+    assert summary.extra["loader_workers"] == 1
+    assert all(e["verified_ranks"] == len(e["consumed"]) for e in entries), "a step's loaded samples went unchecked"
     assert {e["world_size"] for e in entries} >= {1, 2, 3}
     counts = check_exactly_once(entries, DIGITS_TRAIN_LEN, seed=0)
     assert counts["samples"] == summary.samples

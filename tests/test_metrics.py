@@ -31,7 +31,7 @@ elastic_gain_ratio elastic_statistical_efficiency elastic_progress elastic_learn
 elastic_gradient_variance elastic_gradient_sqnorm elastic_loss elastic_goodput elastic_steps_total
 elastic_samples_total elastic_step_seconds elastic_resizes_total elastic_resize_seconds
 elastic_worker_failures_total elastic_skipped_steps_total elastic_checkpoints_total
-elastic_checkpoint_seconds""".split()
+elastic_checkpoint_seconds elastic_eval_metric""".split()
 DESIGN_CONTROLLER = """elastic_controller_desired_workers elastic_controller_capacity_workers
 elastic_controller_decisions_total elastic_controller_actuation_seconds
 elastic_controller_reconcile_errors_total""".split()
@@ -65,7 +65,9 @@ def test_contract_names_match_design():
 
 def test_every_design_metric_is_exposed_with_job_name_label():
     registry = CollectorRegistry()
-    TrainerMetrics(JOB, registry=registry).record_step(make_step())
+    trainer = TrainerMetrics(JOB, registry=registry)
+    trainer.record_step(make_step())
+    trainer.record_eval({"accuracy": 0.9}, progress=21.5, step=7)
     ControllerMetrics(JOB, registry=registry).record_decision("noop", 4, 4)
     names = exposed_names(registry)
     for name in DESIGN_TRAINER + DESIGN_CONTROLLER:
@@ -282,3 +284,19 @@ def test_nan_loss_is_exposed_as_nan():
     registry = CollectorRegistry()
     TrainerMetrics(JOB, registry=registry).record_step(make_step(loss=float("nan")))
     assert math.isnan(value(registry, "elastic_loss"))
+
+
+def test_eval_metrics_are_gauges_by_name_and_logged(tmp_path):
+    registry = CollectorRegistry()
+    log = tmp_path / "metrics.jsonl"
+    metrics = TrainerMetrics(JOB, registry=registry, log_path=log)
+    metrics.record_step(make_step(task_metrics={"grad_norm": 2.0}))
+    metrics.record_eval({"accuracy": 0.5, "loss": 1.5}, progress=10.0, step=3)
+    metrics.record_eval({"accuracy": 0.75, "loss": float("nan")}, progress=20.0, step=6)
+    assert registry.get_sample_value("elastic_eval_metric", {"job_name": JOB, "name": "accuracy"}) == 0.75
+    metrics.close()
+    events = [json.loads(line) for line in log.read_text().splitlines()]
+    assert events[0]["task_metrics"] == {"grad_norm": 2.0}
+    evals = [e for e in events if e["kind"] == "eval"]
+    assert [e["metrics"]["accuracy"] for e in evals] == [0.5, 0.75]
+    assert evals[1]["metrics"]["loss"] is None and evals[1]["progress"] == 20.0

@@ -98,3 +98,19 @@ def test_run_ids_name_the_run_and_expose_a_mixed_log(tmp_path):
         f.write('{"kind":"run","time_s":1700000010.0,"run_id":"r2","resume":false}\n')
     assert run_ids(read_log(log_path)) == ["r1", "r2"]
     assert draw_report(tmp_path).read_bytes().startswith(PNG_MAGIC)
+
+
+def test_evaluations_during_training_get_their_own_panel(tmp_path):
+    write_synthetic_run(tmp_path, steps=30)
+    m = TrainerMetrics("report-job", registry=CollectorRegistry(), log_path=tmp_path / "metrics.jsonl")
+    for k, acc in enumerate((0.5, 0.7, 0.9)):
+        m.record_eval({"accuracy": acc, "loss": 1.0 - acc}, progress=10.0 * (k + 1), step=10 * (k + 1),
+                      time_s=1_700_000_000.0 + 0.5 * (k + 1))
+    m.close()
+    log = read_log(tmp_path / "metrics.jsonl")
+    assert [e["metrics"]["accuracy"] for e in log.evals] == [0.5, 0.7, 0.9]
+    with_eval = draw_report(tmp_path, out=tmp_path / "with.png").stat().st_size
+    (tmp_path / "metrics.jsonl").write_text("".join(
+        line + "\n" for line in (tmp_path / "metrics.jsonl").read_text().splitlines() if '"kind":"eval"' not in line))
+    without_eval = draw_report(tmp_path, out=tmp_path / "without.png").stat().st_size
+    assert with_eval > without_eval  # one more panel, with two lines

@@ -347,3 +347,28 @@ def test_plan_many_chains_plans_without_advancing():
     assert (sampler.epoch, sampler.cursor) == (plans[-1].epoch_after, plans[-1].cursor_after)
     with pytest.raises(SamplerError, match="count: must be an int >= 1"):
         sampler.plan_many(12, 2, 1, 0)
+
+
+def test_shard_keys_carry_each_sample_epoch_across_the_boundary():
+    sampler = ElasticSampler(10, seed=3)
+    sampler.commit(sampler.plan(8, 2, 1))  # cursor 8: the next batch of 6 spans epochs 0 and 1
+    plan = sampler.plan(6, 3, 1)
+    keys = [k for r in range(3) for mb in plan.shard_keys(r) for k in mb]
+    assert [i for _, i in keys] == list(plan.indices)
+    assert [e for e, _ in keys] == [0, 0, 1, 1, 1, 1]
+    assert keys[:2] == [(0, int(i)) for i in sampler.permutation(0)[8:]]
+    assert keys[2:] == [(1, int(i)) for i in sampler.permutation(1)[:4]]
+    inside = ElasticSampler(10, seed=3).plan(4, 2, 2)
+    assert {e for r in range(2) for mb in inside.shard_keys(r) for e, _ in mb} == {0}
+
+
+def test_lookahead_plans_follow_without_advancing():
+    sampler = ElasticSampler(50, seed=1)
+    plans = sampler.plan_many(12, 2, 2, 2)
+    ahead = sampler.lookahead(plans[-1], micro_batches=3)
+    assert len(ahead) == 2  # 3 micro-batches per rank at accumulation 2: two steps
+    assert ahead == sampler.plan_many(12, 2, 2, 4)[2:]
+    assert (sampler.epoch, sampler.cursor) == (0, 0)
+    assert sampler.lookahead(plans[-1], 0) == []
+    with pytest.raises(SamplerError):
+        sampler.lookahead(plans[-1], -1)
