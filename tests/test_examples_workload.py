@@ -7,7 +7,7 @@ import math
 import pytest
 
 from elastic.config import load_job_spec
-from elastic.trainer import ElasticTrainer
+from elastic_app.wiring import make_trainer
 from tests.elastic_runs import ROOT, check_exactly_once, read_ledger
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
@@ -42,7 +42,7 @@ def run_reduced(tmp_path, yaml_name: str, steps_per_phase: int, **overrides):
         "scaling": {"policy": "fixed", "steps": []}, "total_progress": 100000,
         "checkpoint": {"every_steps": 1000}, **overrides})
     driver = OneTwoOne(steps_per_phase)
-    summary = ElasticTrainer(spec, ledger=True, on_step=driver, show_progress=False).run()
+    summary = make_trainer(spec, ledger=True, on_step=driver, show_progress=False).run()
     assert driver.phase == "done", driver.phase
     kinds = [(r.direction, r.from_workers, r.to_workers) for r in summary.resizes]
     assert ("grow", 1, 2) in kinds and ("shrink", 2, 1) in kinds, kinds

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from elastic.config import parse_job_spec
-from elastic.trainer import ElasticTrainer
+from elastic_app.wiring import make_trainer
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
@@ -26,7 +26,7 @@ def run_draws(out: Path, workers: int, seed: int = 0) -> dict[int, list[dict]]:
         "data": {"num_workers": 1},
         "metrics": {"enabled": False, "log": False}, "run_dir": str(out / "run"),
     })
-    summary = ElasticTrainer(spec, show_progress=False).run()
+    summary = make_trainer(spec, show_progress=False).run()
     assert summary.steps == STEPS
     return {int(p.stem.split("-")[1]): [json.loads(line) for line in p.read_text().splitlines()]
             for p in sorted((out / "draws").glob("draws-*.jsonl"))}
