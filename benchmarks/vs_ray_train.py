@@ -53,7 +53,7 @@ E2E_GROW_AT_S = 8.0
 E2E_LOSS_AT_S = 30.0
 E2E_TOTAL_PROGRESS = 5000
 #: A run that has not finished after this long is stopped and reported as such.
-RUN_LIMIT_S = 420.0
+RUN_LIMIT_S = float(os.environ.get("VS_RAY_TRAIN_RUN_LIMIT_S", "420"))
 RAY_TRAIN_ENV = {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.1", "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S": "20"}
 RAY_TRAIN_MONITOR_INTERVAL_S = 2.0
 
@@ -273,7 +273,7 @@ def ray_train_loop(config: dict[str, Any]) -> None:
                             "node_id": ray.get_runtime_context().get_node_id()}) + "\n")
     log = open(config["timeline_file"], "a", buffering=1) if rank == 0 else None
     global_batch = spec.global_batch_size(world)
-    while opt.progress < spec.total_progress and not os.path.exists(config["stop_file"]):
+    while opt.progress < spec.total_progress and step < _stop_at_step(config["stop_file"]):
         t0 = time.time()
         plan = sampler.plan(global_batch, world, spec.accumulation_steps)
         cursor = sampler.samples_consumed
@@ -293,7 +293,17 @@ def ray_train_loop(config: dict[str, Any]) -> None:
     metrics = {"step": step, "progress": opt.progress}
     if rank == 0:
         metrics.update(task.evaluate(model))
+        Path(config["final_file"]).write_text(json.dumps(metrics))
     ray.train.report(metrics)
+
+
+def _stop_at_step(stop_file: str) -> float:
+    """The step the driver asked every rank to stop at (a step far enough ahead that every rank
+    reads it first: ranks that stopped at different steps would wait on each other for ever)."""
+    try:
+        return json.loads(Path(stop_file).read_text())["stop_at_step"]
+    except (OSError, ValueError, KeyError):
+        return float("inf")
 
 
 def _report_checkpoint(rank: int, step: int, model: Any, opt: Any, sampler: Any) -> None:
@@ -321,12 +331,14 @@ def run_ray_train(scenario: str, workdir: Path) -> dict[str, Any]:
     local_ray_environment()
     initial = 4 if scenario == "loss" else 1
     total = E2E_TOTAL_PROGRESS if scenario == "e2e" else 1.0e9
-    files = {k: str(workdir / f"rt-{k}") for k in ("timeline_file", "ranks_file", "stop_file")}
+    files = {k: str(workdir / f"rt-{k}") for k in ("timeline_file", "ranks_file", "stop_file", "final_file")}
     for k in ("timeline_file", "ranks_file"):
         Path(files[k]).touch()
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0, "include_dashboard": False})
-    ray.init(address=cluster.address, logging_level="WARNING", log_to_driver=False,
-             runtime_env={"env_vars": {"PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}})
+    ray.init(address=cluster.address, logging_level="WARNING", log_to_driver=bool(os.environ.get("VS_RAY_TRAIN_DEBUG")),
+             runtime_env={"env_vars": {"PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1",
+                                       # other clusters may run on this machine: name this one
+                                       "RAY_ADDRESS": cluster.address}})
     nodes = [cluster.add_node(num_cpus=1) for _ in range(initial)]
 
     class Trainer(TorchTrainer):
@@ -369,7 +381,7 @@ def run_ray_train(scenario: str, workdir: Path) -> dict[str, Any]:
         else:
             ranks = _read_jsonl(files["ranks_file"])
             rank1 = next((r for r in reversed(ranks) if r["rank"] == 1 and r["world"] == len(nodes)), None)
-            victim = next((n for n in nodes if rank1 and n.unique_id == rank1["node_id"]), None)
+            victim = next((n for n in nodes if rank1 and n.node_id == rank1["node_id"]), None)
             if victim is None:
                 events.append(("loss", float("nan"), len(nodes) - 1))
                 continue
@@ -382,7 +394,9 @@ def run_ray_train(scenario: str, workdir: Path) -> dict[str, Any]:
             if recs and time.time() - recs[0]["t0"] >= STEADY_S:
                 break
         time.sleep(0.2)
-    Path(files["stop_file"]).touch()
+    last_step = max((r["step"] for r in timeline()), default=0)
+    Path(files["stop_file"] + ".tmp").write_text(json.dumps({"stop_at_step": last_step + 10}))
+    os.replace(files["stop_file"] + ".tmp", files["stop_file"])
     thread.join(timeout=120)
     wall_s = time.time() - started
     records = timeline()
@@ -395,9 +409,9 @@ def run_ray_train(scenario: str, workdir: Path) -> dict[str, Any]:
            "samples_skipped": skipped_samples(records), "wall_s": wall_s,
            "progress": records[-1]["progress"] if records else 0.0,
            "attempts": len({r["attempt"] for r in records})}
-    if "result" in result:
-        out["accuracy"] = (result["result"].metrics or {}).get("accuracy")
-    else:
+    final = _read_jsonl(files["final_file"])
+    out["accuracy"] = final[0].get("accuracy") if final else None
+    if "result" not in result:
         out["error"] = result.get("error", "did not finish")
     ray.shutdown()
     cluster.shutdown()
