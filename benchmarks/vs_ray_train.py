@@ -132,11 +132,11 @@ def timeline_figures(records: list[dict[str, Any]], event_s: float, new_world: i
         return {"to_new_size_s": float("nan"), "paused_s": float("nan"), "steps_rolled_back": 0, "samples_replayed": 0}
     before = [r for r in records if r["t1"] <= first_new["t0"]]
     paused_from = max([r["t1"] for r in before if r["t0"] <= event_s] or [event_s])
-    gaps = [first_new["t0"] - paused_from]
-    # A restart may run a few steps at an intermediate size first: the longest hole counts.
+    # Steps may still run after the event (the old group until it notices, or a restart at an
+    # intermediate size): the longest hole between steps counts.
     between = [r for r in before if r["t0"] > event_s]
     stamps = sorted([paused_from] + [x for r in between for x in (r["t0"], r["t1"])] + [first_new["t0"]])
-    gaps += [b - a for a, b in zip(stamps[::2], stamps[1::2])]
+    gaps = [b - a for a, b in zip(stamps[::2], stamps[1::2])]
     return {"to_new_size_s": first_new["t0"] - event_s, "paused_s": max(gaps), **rollbacks(records)}
 
 
