@@ -137,6 +137,7 @@ class WorkerGroup:
         self._name = name
         self.members: list[Member] = []
         self.pending: dict[str, Pending] = {}
+        self.generation = 0  # numbers the groups formed, so that a late abort hits only its own group
 
     @property
     def size(self) -> int:
@@ -230,8 +231,10 @@ class WorkerGroup:
                 payload = state
                 if payload is None and needs_state:
                     payload = members[0].actor.state.remote()
+                self.generation += 1
                 refs = [
-                    m.actor.join.remote(rank, len(members), host, port, payload if m.worker_id in needs_state else None)
+                    m.actor.join.remote(rank, len(members), host, port, payload if m.worker_id in needs_state else None,
+                                        self.generation)
                     for rank, m in enumerate(members)
                 ]
                 dead = []
@@ -271,7 +274,7 @@ class WorkerGroup:
         if not plans:
             return []
         refs = [m.actor.train_steps.remote([p.shard(rank) for p in plans]) for rank, m in enumerate(self.members)]
-        call = _CallWatch(self.members, refs, len(plans), expected_step_s)
+        call = _CallWatch(self.members, refs, len(plans), expected_step_s, self.generation)
         call.wait()
         per_rank = call.results
         if call.fault is None and all(r is not None and len(r) == len(plans) and r[-1]["ok"] for r in per_rank):
@@ -353,8 +356,8 @@ class _CallWatch:
     or a survivor's collective failed."""
 
     def __init__(self, members: Sequence[Member], refs: Sequence[Any], steps: int,
-                 expected_step_s: float | None) -> None:
-        self.members, self.refs = list(members), list(refs)
+                 expected_step_s: float | None, generation: int) -> None:
+        self.members, self.refs, self.generation = list(members), list(refs), generation
         self.results: list[list[dict[str, Any]] | None] = [None] * len(self.members)
         self.fault: FaultTiming | None = None
         self.started_s = time.time()
@@ -441,7 +444,7 @@ class _CallWatch:
             return
         self.fault = FaultTiming(kind, min(evidence_s, time.time()), time.time())
         for ref, rank in self._pending.items():
-            self.members[rank].actor.abort_collectives.options(concurrency_group=CONTROL_GROUP).remote()
+            self.members[rank].actor.abort_collectives.options(concurrency_group=CONTROL_GROUP).remote(self.generation)
 
 
 def _consumed(plan: StepPlan) -> dict[int, list[int]]:

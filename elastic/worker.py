@@ -86,6 +86,7 @@ class ElasticWorker:
         self._store: Any = None
         self._gloo: _GlooEndpoints | None = None  # this rank's gloo addresses, for abort_collectives
         self._abort_lock = threading.Lock()
+        self._generation = -1
 
     # ------------------------------------------------------------------------ identity
     def info(self) -> dict[str, Any]:
@@ -112,8 +113,11 @@ class ElasticWorker:
                                     timeout=datetime.timedelta(seconds=COLLECTIVE_TIMEOUT_S))
         return host, port
 
-    def join(self, rank: int, world_size: int, host: str, port: int, state: Mapping[str, Any] | None = None) -> dict[str, Any]:
-        """Leave the old group, form the new one, take ``state`` if given, set AdaScale's scale."""
+    def join(self, rank: int, world_size: int, host: str, port: int, state: Mapping[str, Any] | None = None,
+             generation: int = 0) -> dict[str, Any]:
+        """Leave the old group, form the new one, take ``state`` if given, set AdaScale's scale.
+        ``generation`` numbers the driver's groups, so that a late abort meant for an older group
+        leaves this one alone (see :meth:`abort_collectives`)."""
         started = time.perf_counter()
         self.leave()
         store = self._store if rank == 0 else dist.TCPStore(
@@ -123,7 +127,9 @@ class ElasticWorker:
         dist.init_process_group(backend, store=store, rank=rank, world_size=world_size,
                                 timeout=datetime.timedelta(seconds=COLLECTIVE_TIMEOUT_S))
         if backend == "gloo" and world_size > 1:
-            self._gloo = _GlooEndpoints.exchange(store, rank, world_size, sockets_before)
+            gloo = _GlooEndpoints.exchange(store, rank, world_size, sockets_before)
+            with self._abort_lock:
+                self._gloo, self._generation = gloo, generation
         self._store = None
         if state is not None:
             self.load_state(state)
@@ -146,12 +152,14 @@ class ElasticWorker:
         self.rank, self.world_size = -1, 0
 
     # ------------------------------------------------------------------------ out of band (CONTROL_GROUP)
-    def abort_collectives(self) -> dict[str, Any]:
+    def abort_collectives(self, generation: int | None = None) -> dict[str, Any]:
         """Make every collective of the current group fail now, here and on the peers blocked on
         this rank (see the module docstring). Safe at any time: with no group, or after the call
-        that used it returned, it shuts connections that the next ``join`` discards anyway."""
+        that used it returned, it shuts connections that the next ``join`` discards anyway; with
+        ``generation``, only if the current group is that one."""
         with self._abort_lock:
-            shut = self._gloo.shut_down() if self._gloo is not None else 0
+            current = generation is None or generation == self._generation
+            shut = self._gloo.shut_down() if self._gloo is not None and current else 0
         return {"worker_id": self.worker_id, "connections_shut": shut, "time_s": time.time()}
 
     # ------------------------------------------------------------------------ state
