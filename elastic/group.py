@@ -424,16 +424,19 @@ class _CallWatch:
                 self._ping_sent[rank] = now
             elif sent is not None and now - sent >= silence_s:
                 del self._pending[ref]
-                self._lose(rank, "hung", self._last_alive.get(rank, self.started_s))
+                # A hang's first sign is its last sign of life; once a fault is known, a rank
+                # silenced by it says nothing earlier about when it happened.
+                evidence_s = self._last_alive.get(rank, self.started_s) if self.fault is None else now
+                self._lose(rank, "hung" if self.fault is None else "died", evidence_s)
 
     # ---------------------------------------------------------------- decisions
     def _lose(self, rank: int, kind: str, evidence_s: float) -> None:
         self._lost.add(rank)
         self.results[rank] = None
         m = self.members[rank]
-        if kind == "hung":
+        if rank in self._ping_sent:
             logger.warning("rank %d (%s) answered no heartbeat for %.1f s: replacing it", rank, m.worker_id,
-                           time.time() - self._ping_sent.get(rank, evidence_s))
+                           time.time() - self._ping_sent[rank])
         ray.kill(m.actor, no_restart=True)  # a hung process holds its connections open until it dies
         self._on_fault(kind, evidence_s)
 
