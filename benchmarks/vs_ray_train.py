@@ -51,7 +51,8 @@ LOSS_AT_S = 8.0
 STEADY_S = 8.0
 E2E_GROW_AT_S = 8.0
 E2E_LOSS_AT_S = 30.0
-E2E_TOTAL_PROGRESS = 5000
+#: Large enough that both capacity changes land before the end (at 1 worker a step takes a few ms).
+E2E_TOTAL_PROGRESS = 16000
 #: A run that has not finished after this long is stopped and reported as such.
 RUN_LIMIT_S = float(os.environ.get("VS_RAY_TRAIN_RUN_LIMIT_S", "420"))
 RAY_TRAIN_ENV = {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.1", "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S": "20"}
@@ -467,7 +468,7 @@ def run_one(system: str, scenario: str, log: Callable[[str], None]) -> dict[str,
     out.unlink(missing_ok=True)
     row.update(system=system, scenario=scenario)
     log(f"{scenario:5s} {system:9s} {time.time() - started:6.0f} s  " + json.dumps(
-        {k: v for k, v in row.items() if k not in ("system", "scenario")}, default=str)[:400])
+        {k: v for k, v in row.items() if k not in ("system", "scenario")}, default=str))
     return row
 
 
@@ -525,6 +526,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--scenarios", default=",".join(SCENARIOS))
     parser.add_argument("--systems", default=",".join(SYSTEMS))
     parser.add_argument("--out", default=str(RESULTS / "vs_ray_train.md"))
+    parser.add_argument("--rows", help="also append every run's row to this JSON-lines file")
+    parser.add_argument("--table-from", help="write the table from a --rows file instead of running")
     parser.add_argument("--child", nargs=2, metavar=("SYSTEM", "SCENARIO"), help=argparse.SUPPRESS)
     parser.add_argument("--result", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -536,20 +539,29 @@ def main(argv: list[str] | None = None) -> int:
         bad = [x for x in name if x not in allowed]
         if bad:
             parser.error(f"{what}: unknown {bad}; allowed: {', '.join(allowed)}")
-    rows = []
-    started = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
-    load_before = os.getloadavg()[0]
-    for scenario in scenarios:
-        for rep in range(args.reps):
-            order = systems if rep % 2 == 0 else list(reversed(systems))  # alternate who goes first
-            for system in order:
-                rows.append(run_one(system, scenario, lambda m: print(m, file=sys.stderr, flush=True)))
     import ray
 
-    text = (f"Measured {started} on this 2-core machine (load average {load_before:.1f} before, "
-            f"{os.getloadavg()[0]:.1f} after; Ray {ray.__version__}); "
-            f"`python -m benchmarks.vs_ray_train --reps {args.reps} --scenarios {','.join(scenarios)}`\n\n"
-            f"{table(rows)}\n{summary_lines(rows)}\n")
+    if args.table_from:
+        rows = _read_jsonl(args.table_from)
+        header = f"Rows of `{Path(args.table_from).name}` (Ray {ray.__version__})"
+    else:
+        rows = []
+        started = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
+        load_before = os.getloadavg()[0]
+        for scenario in scenarios:
+            for rep in range(args.reps):
+                order = systems if rep % 2 == 0 else list(reversed(systems))  # alternate who goes first
+                for system in order:
+                    row = run_one(system, scenario, lambda m: print(m, file=sys.stderr, flush=True))
+                    row["load_average"] = os.getloadavg()[0]
+                    rows.append(row)
+                    if args.rows:
+                        with open(args.rows, "a") as f:
+                            f.write(json.dumps(row) + "\n")
+        header = (f"Measured {started} on this 2-core machine (load average {load_before:.1f} before, "
+                  f"{os.getloadavg()[0]:.1f} after; Ray {ray.__version__}); "
+                  f"`python -m benchmarks.vs_ray_train --reps {args.reps} --scenarios {','.join(scenarios)}`")
+    text = f"{header}\n\n{table(rows)}\n{summary_lines(rows)}\n"
     print(text)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(text)
