@@ -131,14 +131,17 @@ def timeline_figures(records: list[dict[str, Any]], event_s: float, new_world: i
     first_new = next((r for r in records if r["world"] == new_world and r["t0"] >= event_s - 1e-3), None)
     if first_new is None:
         return {"to_new_size_s": float("nan"), "paused_s": float("nan"), "steps_rolled_back": 0, "samples_replayed": 0}
-    before = [r for r in records if r["t1"] <= first_new["t0"]]
-    paused_from = max([r["t1"] for r in before if r["t0"] <= event_s] or [event_s])
     # Steps may still run after the event (the old group until it notices, or a restart at an
-    # intermediate size): the longest hole between steps counts.
-    between = [r for r in before if r["t0"] > event_s]
-    stamps = sorted([paused_from] + [x for r in between for x in (r["t0"], r["t1"])] + [first_new["t0"]])
-    gaps = [b - a for a, b in zip(stamps[::2], stamps[1::2])]
-    return {"to_new_size_s": first_new["t0"] - event_s, "paused_s": max(gaps), **rollbacks(records)}
+    # intermediate size): the longest stretch of [event, first step at the new size] that no step covers.
+    longest, covered_to = 0.0, event_s
+    for r in records:
+        if r["t0"] >= first_new["t0"]:
+            break
+        if r["t0"] > covered_to:
+            longest = max(longest, r["t0"] - covered_to)
+        covered_to = max(covered_to, r["t1"])
+    longest = max(longest, first_new["t0"] - covered_to)
+    return {"to_new_size_s": first_new["t0"] - event_s, "paused_s": longest, **rollbacks(records)}
 
 
 def rollbacks(records: list[dict[str, Any]]) -> dict[str, int]:
