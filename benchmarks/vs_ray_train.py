@@ -190,10 +190,14 @@ def run_elastic(scenario: str, workdir: Path) -> dict[str, Any]:
                 events.append(("grow", time.time(), 4))
                 cluster.capacity_limit = 4
             else:
-                node_id = trainer.group.members[1].node_id
-                size = trainer.group.size
+                members = trainer.group.members
+                if len(members) < 2:  # the group has not grown yet: an idle node goes (as on Ray Train's side)
+                    idle = [n for n in cluster.node_ids() if n not in {m.node_id for m in members}]
+                    node_id, size = idle[-1], len(members)
+                else:
+                    node_id, size = members[1].node_id, len(members) - 1
                 cluster.capacity_limit = len(cluster.node_ids()) - 1  # the capacity is gone for good
-                events.append(("loss", time.time(), size - 1))
+                events.append(("loss", time.time(), size))
                 cluster.remove_node(node_id, False)
 
     def on_step(trainer: Any) -> None:
@@ -386,11 +390,13 @@ def run_ray_train(scenario: str, workdir: Path) -> dict[str, Any]:
             ranks = _read_jsonl(files["ranks_file"])
             rank1 = next((r for r in reversed(ranks) if r["rank"] == 1 and r["world"] == len(nodes)), None)
             victim = next((n for n in nodes if rank1 and n.node_id == rank1["node_id"]), None)
-            if victim is None:
-                events.append(("loss", float("nan"), len(nodes) - 1))
-                continue
+            size = len(nodes) - 1
+            if victim is None:  # no group of this size yet: a node without a rank 1 goes
+                used = {r["node_id"] for r in ranks if r["attempt"] == ranks[-1]["attempt"]} if ranks else set()
+                victim = next(n for n in reversed(nodes) if n.node_id not in used)
+                size = max(r["world"] for r in ranks) if ranks else 1
             nodes.remove(victim)
-            events.append(("loss", time.time(), len(nodes)))
+            events.append(("loss", time.time(), size))
             cluster.remove_node(victim, allow_graceful=False)
     while thread.is_alive() and time.time() - started < RUN_LIMIT_S:
         if scenario != "e2e":
