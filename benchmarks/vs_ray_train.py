@@ -392,7 +392,7 @@ def run_ray_train(scenario: str, workdir: Path) -> dict[str, Any]:
             victim = next((n for n in nodes if rank1 and n.node_id == rank1["node_id"]), None)
             size = len(nodes) - 1
             if victim is None:  # no group of this size yet: a node without a rank 1 goes
-                used = {r["node_id"] for r in ranks if r["attempt"] == ranks[-1]["attempt"]} if ranks else set()
+                used = {r["node_id"] for r in ranks[-ranks[-1]["world"]:]} if ranks else set()  # the newest group
                 victim = next(n for n in reversed(nodes) if n.node_id not in used)
                 size = max(r["world"] for r in ranks) if ranks else 1
             nodes.remove(victim)
