@@ -48,13 +48,26 @@ class TrainerError(RuntimeError):
 
 @dataclass(frozen=True)
 class ResizeEvent:
+    """One change of the group's size. Every duration runs from the event that caused it."""
+
     time_s: float
+    """Wall time at which training resumed at the new size."""
     progress: float
     from_workers: int
     to_workers: int
     direction: str
     cause: str
     pause_s: float
+    """Seconds without training: for a planned resize, from the step boundary where the trainer
+    acted on the decision to the first step at the new size; for a failure, from the fault's first
+    sign (see ``elastic.group.FaultTiming``) to the first step at the new size."""
+    since_decision_s: float | None = None
+    """Planned resizes: from the decision (the target set by the controller or by hand) to the first
+    step at the new size; newcomers warm up while the old group trains, so this exceeds the pause."""
+    detection_s: float | None = None
+    """Failures: from the fault's first sign to the driver knowing (and aborting the collectives)."""
+    reform_s: float | None = None
+    """Failures: from detection to the group re-formed at the new size."""
 
 
 @dataclass(frozen=True)
@@ -150,6 +163,8 @@ class ElasticTrainer:
         self._call_in_flight = False
         self._started_s = time.monotonic()
         self._last_resize_s: float | None = None
+        self._target_set_s = time.time()  # wall time of the newest target change (the decision)
+        self._unrecorded_failure: tuple[Any, int, int] | None = None  # (fault timing, from, to) until training resumes
         self.group: Any = None
         self.sampler: ElasticSampler | None = None
         self.metrics: Any = NullTrainerMetrics()
@@ -262,6 +277,11 @@ class ElasticTrainer:
         return self._steps
 
     @property
+    def resizes(self) -> tuple[ResizeEvent, ...]:
+        """Resizes so far (failures included, once training resumed at the new size)."""
+        return tuple(self._resizes)
+
+    @property
     def worker_failures(self) -> int:
         return self._failures
 
@@ -276,6 +296,7 @@ class ElasticTrainer:
         with self._lock:
             if (n, (at_progress, at_time_s)) != (self._target, self._target_at):
                 logger.info("target %d -> %d workers: %s", self._target, n, reason)
+                self._target_set_s = time.time()
             self._target = n
             self._target_at = (at_progress, at_time_s)
             if at_progress is not None:
@@ -415,6 +436,8 @@ class ElasticTrainer:
                 step_started = time.perf_counter()
                 if resize is not None:
                     self._record_resize(*resize, pause_s=step_started - boundary_s)
+                if self._unrecorded_failure is not None:
+                    self._record_failure_resize()
                 # Until its outcomes are all recorded, the workers may hold updates of steps the
                 # sampler has not committed: no checkpoint may be taken from them meanwhile.
                 self._call_in_flight = len(plans) > 1
@@ -749,14 +772,20 @@ class ElasticTrainer:
         return verified
 
     def _record_resize(self, from_workers: int, to_workers: int, direction: str, cause: str, pause_s: float) -> None:
-        event = ResizeEvent(time.time(), self._last.get("progress", 0.0), from_workers, to_workers, direction, cause, pause_s)
+        now = time.time()
+        with self._lock:
+            since_decision_s = max(pause_s, now - self._target_set_s)
+        event = ResizeEvent(now, self._last.get("progress", 0.0), from_workers, to_workers, direction, cause, pause_s,
+                            since_decision_s=since_decision_s)
         self._resizes.append(event)
         self._last_resize_s = time.monotonic()
         self.metrics.record_resize(direction, cause, pause_s, from_workers, to_workers)
-        logger.info("resized %d -> %d workers in place (%s, %s) at tau %.1f; paused %.3f s",
-                    from_workers, to_workers, direction, cause, event.progress, pause_s)
+        logger.info("resized %d -> %d workers in place (%s, %s) at tau %.1f; %.3f s after the decision, "
+                    "paused %.3f s", from_workers, to_workers, direction, cause, event.progress, since_decision_s, pause_s)
 
     def _record_failure(self, outcome, world: int) -> None:
+        """Counts the failure now; its resize is recorded when training resumes at the new size
+        (``_record_failure_resize``), so that its pause runs from the fault to that moment."""
         if self._stop_signal is not None:
             # Whoever signalled the driver may be tearing the workers down too (a pod's SIGTERM, a
             # terminal's Ctrl-C reaches the whole process group): not a failure of the job.
@@ -765,14 +794,31 @@ class ElasticTrainer:
         lost = len(outcome.lost_workers)
         self._failures += lost
         self.metrics.record_failure(lost)
-        self._resizes.append(ResizeEvent(time.time(), self._last.get("progress", 0.0), world, self.group.size,
-                                         "shrink", "failure", outcome.recovery_s))
+        fault = outcome.fault
+        logger.warning("worker failure: lost %s; step %s; %s", ", ".join(outcome.lost_workers),
+                       "kept" if outcome.completed else "redone",
+                       f"re-formed with {self.group.size} worker(s): detected {fault.detection_s:.3f} s after the "
+                       f"fault's first sign, re-formed {fault.reformed_s - fault.detected_s:.3f} s after detection"
+                       if fault is not None and fault.reformed_s else "no survivor")
+        if fault is not None and self.group.size > 0:
+            self._unrecorded_failure = (fault, world, self.group.size)
+            with self._lock:  # the fault is the decision behind the regrow that follows
+                self._target_set_s = fault.evidence_s
+
+    def _record_failure_resize(self) -> None:
+        fault, from_workers, to_workers = self._unrecorded_failure
+        self._unrecorded_failure = None
+        now = time.time()
+        pause_s = max(0.0, now - fault.evidence_s)
+        self._resizes.append(ResizeEvent(now, self._last.get("progress", 0.0), from_workers, to_workers, "shrink",
+                                         "failure", pause_s, detection_s=fault.detection_s,
+                                         reform_s=max(0.0, fault.reformed_s - fault.detected_s)))
         self._last_resize_s = time.monotonic()
-        if 0 < self.group.size != world:
-            self.metrics.record_resize("shrink", "failure", outcome.recovery_s, world, self.group.size)
-        logger.warning("worker failure: lost %s; step %s; continuing with %d worker(s) after %.3f s",
-                       ", ".join(outcome.lost_workers), "kept" if outcome.completed else "redone",
-                       self.group.size, outcome.recovery_s)
+        if to_workers < from_workers:
+            self.metrics.record_resize("shrink", "failure", pause_s, from_workers, to_workers)
+        logger.warning("training again at %d worker(s) %.3f s after the fault's first sign (detection %.3f s, "
+                       "re-formation %.3f s)", to_workers, pause_s, fault.detection_s,
+                       max(0.0, fault.reformed_s - fault.detected_s))
 
     # ---------------------------------------------------------------- checkpoints
     def _checkpoint(self) -> None:

@@ -2,6 +2,15 @@
 
 The driver tells each worker which samples to use (its shard of the sampler's plan) and when to
 join a new process group; a worker never decides anything about the group on its own.
+
+Out-of-band control: the group runs each worker with a second Ray concurrency group
+(:data:`CONTROL_GROUP`) whose calls (``ping``, ``abort_collectives``) are served on their own
+thread while ``train_steps`` is blocked in a collective. Gloo in torch 2.13 has no working abort
+(``ProcessGroup.abort()`` returns at once and the blocked collective stays blocked, measured), and a
+survivor that is not next to a dead rank in gloo's ring waits for the collective timeout. What does
+wake it is its connections closing, as when a peer process exits: ``abort_collectives`` shuts down
+this rank's gloo connections (those to and from the group's listeners, found by address), so the
+blocked collective raises at once, and every peer blocked on this rank raises in turn.
 """
 
 from __future__ import annotations
@@ -11,6 +20,7 @@ import datetime
 import logging
 import os
 import socket
+import threading
 import time
 from typing import Any, Mapping, Sequence
 
@@ -25,8 +35,11 @@ from elastic.task import TaskError, WorkerContext, load_task, set_context
 
 logger = logging.getLogger(__name__)
 
-#: A collective that waits longer than this on a silent peer fails instead of hanging forever.
+#: A collective that waits longer than this on a silent peer fails instead of hanging forever
+#: (a last resort: the driver aborts the collectives of a broken group long before, see the module doc).
 COLLECTIVE_TIMEOUT_S = 60.0
+#: The Ray concurrency group of the out-of-band calls (one thread beside the training thread).
+CONTROL_GROUP = "control"
 
 
 def build_optimizer(spec: JobSpec, params) -> torch.optim.Optimizer:
@@ -172,6 +185,9 @@ class ElasticWorker:
         self.ddp: torch.nn.Module = self.model
         self.pipeline = self._build_pipeline()
         self._store: Any = None
+        self._gloo: _GlooEndpoints | None = None  # this rank's gloo addresses, for abort_collectives
+        self._abort_lock = threading.Lock()
+        self._generation = -1
 
     def _build_pipeline(self) -> InputPipeline:
         d = self.spec.data
@@ -215,15 +231,23 @@ class ElasticWorker:
                                     timeout=datetime.timedelta(seconds=COLLECTIVE_TIMEOUT_S))
         return host, port
 
-    def join(self, rank: int, world_size: int, host: str, port: int, state: Mapping[str, Any] | None = None) -> dict[str, Any]:
-        """Leave the old group, form the new one, take ``state`` if given, set AdaScale's scale."""
+    def join(self, rank: int, world_size: int, host: str, port: int, state: Mapping[str, Any] | None = None,
+             generation: int = 0) -> dict[str, Any]:
+        """Leave the old group, form the new one, take ``state`` if given, set AdaScale's scale.
+        ``generation`` numbers the driver's groups, so that a late abort meant for an older group
+        leaves this one alone (see :meth:`abort_collectives`)."""
         started = time.perf_counter()
         self.leave()
         store = self._store if rank == 0 else dist.TCPStore(
             host, port, is_master=False, timeout=datetime.timedelta(seconds=COLLECTIVE_TIMEOUT_S))
         backend = "nccl" if self.device.type == "cuda" else "gloo"
+        sockets_before = _tcp_listeners()
         dist.init_process_group(backend, store=store, rank=rank, world_size=world_size,
                                 timeout=datetime.timedelta(seconds=COLLECTIVE_TIMEOUT_S))
+        if backend == "gloo" and world_size > 1:
+            gloo = _GlooEndpoints.exchange(store, rank, world_size, sockets_before)
+            with self._abort_lock:
+                self._gloo, self._generation = gloo, generation
         self._store = None
         if state is not None:
             self.load_state(state)
@@ -241,9 +265,22 @@ class ElasticWorker:
     def leave(self) -> None:
         self.ddp = self.model  # the DDP wrapper goes before its process group does
         self.opt.detach_ddp()
+        with self._abort_lock:
+            self._gloo = None
         if dist.is_initialized():
             dist.destroy_process_group()
         self.rank, self.world_size = -1, 0
+
+    # ------------------------------------------------------------------------ out of band (CONTROL_GROUP)
+    def abort_collectives(self, generation: int | None = None) -> dict[str, Any]:
+        """Make every collective of the current group fail now, here and on the peers blocked on
+        this rank (see the module docstring). Safe at any time: with no group, or after the call
+        that used it returned, it shuts connections that the next ``join`` discards anyway; with
+        ``generation``, only if the current group is that one."""
+        with self._abort_lock:
+            current = generation is None or generation == self._generation
+            shut = self._gloo.shut_down() if self._gloo is not None and current else 0
+        return {"worker_id": self.worker_id, "connections_shut": shut, "time_s": time.time()}
 
     # ------------------------------------------------------------------------ state
     def state(self) -> dict[str, Any]:
@@ -348,6 +385,12 @@ class ElasticWorker:
         for micro_batches in steps:
             reports.append(self.train_step(micro_batches))
             if not reports[-1]["ok"]:
+                # When the failure is the group's, a peer may still be blocked on this rank (it is
+                # not next to the dead rank in gloo's ring): close this rank's connections so that
+                # it raises now rather than at COLLECTIVE_TIMEOUT_S. The driver re-forms the group.
+                reports[-1]["failed_at_s"] = time.time()
+                if reports[-1].get("communication"):
+                    self.abort_collectives()
                 break
         return reports
 
@@ -359,8 +402,98 @@ class ElasticWorker:
         return {"discarded_batches": self.pipeline.discarded_batches,
                 "loader_workers": self.pipeline.settings.num_workers}
 
-    def ping(self) -> bool:
-        return True
+    def ping(self) -> float:
+        """Heartbeat (served in CONTROL_GROUP, so it answers while a step runs): the wall time."""
+        return time.time()
+
+
+def _tcp_listeners() -> set[tuple[str, int]]:
+    """Addresses of this process's listening TCP sockets."""
+    return {local for local, _, listening, _ in _tcp_sockets() if listening}
+
+
+def _tcp_sockets():
+    """(local address, peer address or None, listening, fd) of this process's TCP sockets; reads
+    each through a duplicate descriptor, so nothing of the original changes."""
+    for name in os.listdir("/proc/self/fd"):
+        try:
+            if not os.readlink(f"/proc/self/fd/{name}").startswith("socket:"):
+                continue
+            sock = socket.socket(fileno=os.dup(int(name)))
+        except (OSError, ValueError):
+            continue  # closed meanwhile, or not a socket Python can wrap
+        try:
+            if sock.family not in (socket.AF_INET, socket.AF_INET6) or sock.type != socket.SOCK_STREAM:
+                continue
+            listening = bool(sock.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN))
+            peer = None if listening else _address(sock.getpeername())
+            yield _address(sock.getsockname()), peer, listening, int(name)
+        except OSError:
+            continue  # not connected (any more)
+        finally:
+            sock.close()
+
+
+def _address(sockaddr) -> tuple[str, int]:
+    host = sockaddr[0]
+    return (host[7:] if host.startswith("::ffff:") else host), int(sockaddr[1])
+
+
+_ANY_HOST = ("0.0.0.0", "::")
+
+
+class _GlooEndpoints:
+    """Where this rank's gloo connections are. Gloo's TCP transport gives every rank one listener
+    and connects each pair of ranks through one of the two listeners, so a connection belongs to
+    the group when one end of it is a listener of the group's ranks."""
+
+    def __init__(self, own: tuple[str, int], peers: set[tuple[str, int]]) -> None:
+        self.own, self.peers = own, peers
+
+    def owns(self, local: tuple[str, int], peer: tuple[str, int]) -> bool:
+        """Whether a connection (local, peer) is one of the group's: accepted on this rank's
+        listener, or made to a peer's (a listener bound to every interface matches by port)."""
+        if local[1] == self.own[1] and self.own[0] in (local[0], *_ANY_HOST):
+            return True
+        return any(peer[1] == port and host in (peer[0], *_ANY_HOST) for host, port in self.peers)
+
+    @classmethod
+    def exchange(cls, store: Any, rank: int, world_size: int,
+                 listeners_before: set[tuple[str, int]]) -> _GlooEndpoints | None:
+        """Find the listener that ``init_process_group`` opened and swap addresses through the
+        group's store (a few small store calls); None when it cannot be told apart."""
+        new = _tcp_listeners() - listeners_before
+        if len(new) != 1:
+            logger.warning("abort path unavailable for this group: %d new listening sockets", len(new))
+            return None
+        own = next(iter(new))
+        store.set(f"elastic/gloo_listener/{rank}", f"{own[0]} {own[1]}")
+        peers = set()
+        for r in range(world_size):
+            if r != rank:
+                host, port = store.get(f"elastic/gloo_listener/{r}").decode().split()
+                peers.add((host, int(port)))
+        return cls(own, peers)
+
+    def shut_down(self) -> int:
+        """shutdown(2) both directions of every gloo connection; returns how many. The listener
+        itself stays (gloo's accept loop treats a shut listener as fatal)."""
+        shut = 0
+        for local, peer, listening, fd in list(_tcp_sockets()):
+            if listening or peer is None or not self.owns(local, peer):
+                continue
+            try:
+                sock = socket.socket(fileno=os.dup(fd))
+            except OSError:
+                continue
+            try:
+                sock.shutdown(socket.SHUT_RDWR)
+                shut += 1
+            except OSError:
+                pass  # already closed by the peer
+            finally:
+                sock.close()
+        return shut
 
 
 def _normal_priority() -> None:

@@ -1,5 +1,7 @@
-"""Chaos on the embedded local Ray cluster: repeated SIGKILLs, a node removed mid-step, every worker
-lost, a corrupt newest checkpoint, NaN gradients. Each checks the exactly-once ledger and tau."""
+"""Chaos on the embedded local Ray cluster: repeated SIGKILLs, nodes removed mid-call at 4 workers
+(rank 0 included), a hung (SIGSTOPped) worker, every worker lost, a corrupt newest checkpoint, NaN
+gradients. Each checks the exactly-once ledger and tau; the failures also bound the recovery time,
+measured from the fault."""
 
 from __future__ import annotations
 
@@ -11,9 +13,12 @@ import threading
 
 import pytest
 
+from elastic.group import HANG_SILENCE_MIN_S
 from elastic.trainer import TrainerError
 from elastic_app.wiring import make_trainer
+from elastic.worker import COLLECTIVE_TIMEOUT_S
 from tests.elastic_runs import check_exactly_once, digits_spec, read_ledger
+from tests.fault_injection import FaultAtEachRank, failure_events, recovery_rows
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
@@ -72,30 +77,54 @@ def test_repeated_worker_kills_lose_no_sample(tmp_path, undisturbed):
     assert abs(summary.evaluation["accuracy"] - undisturbed.evaluation["accuracy"]) <= 0.01
 
 
-def test_node_removed_mid_step(tmp_path):
-    """The node under a worker disappears (its raylet and the worker die); capacity comes back."""
-    spec = digits_spec(tmp_path, **{"workers.initial": 2, "workers.max": 2, "scaling.policy": "available"})
-    state = {"removed": None, "back_at": None}
+#: Recovery bound of the tests: generous for a loaded 2-core machine (about 0.1-2.6 s measured),
+#: and far below the 60 s collective timeout that bounded recovery before the out-of-band abort.
+RECOVERY_BOUND_S = 15.0
+assert RECOVERY_BOUND_S < COLLECTIVE_TIMEOUT_S / 2
 
-    def remove_a_node(trainer):
-        if state["removed"] is None and trainer.steps >= 80:
-            node_id = trainer.group.members[1].node_id
-            state["removed"] = node_id
-            cluster = trainer.backend.cluster
-            threading.Timer(0.004, cluster.remove_node, (node_id, False)).start()
-        elif state["removed"] and trainer.worker_failures and trainer.group.size == 2:
-            # The controller re-added capacity and the replacement joined: run a while, then stop.
-            state["back_at"] = state["back_at"] or trainer.steps
-            if trainer.steps >= state["back_at"] + 100:
-                trainer.request_stop()
 
-    summary = make_trainer(spec, ledger=True, on_step=remove_a_node, show_progress=False).run()
-    assert state["removed"] and summary.worker_failures == 1
-    assert state["back_at"] and summary.stopped_early and summary.final_workers == 2
+def _check_recoveries(chaos: FaultAtEachRank, summary, tmp_path) -> list[dict[str, float]]:
+    assert len(chaos.injections) == len(chaos.ranks) and all(i.at_s for i in chaos.injections), chaos.injections
+    assert summary.worker_failures == len(chaos.ranks)
+    events = failure_events(summary)
+    assert [(e.from_workers, e.to_workers) for e in events] == [(4, 3)] * len(chaos.ranks)
+    rows = recovery_rows(chaos, summary)
+    for row in rows:
+        # From the fault itself (stamped just before it), not from its detection.
+        assert 0 < row["to_new_size_s"] < RECOVERY_BOUND_S, row
+        assert row["detection_s"] >= 0 and row["reform_s"] >= 0, row
+        assert row["detection_s"] + row["reform_s"] <= row["trainer_pause_s"] + 1e-3, row
+    assert summary.extra["abandoned_steps"] <= summary.worker_failures  # <= 1 step of work per failure
     entries = read_ledger(tmp_path)
+    assert [e["step"] for e in entries] == list(range(1, summary.steps + 1))
+    assert {e["world_size"] for e in entries} >= {3, 4}
     check_exactly_once(entries, DIGITS_TRAIN_LEN, seed=0)
     _tau_is_sum_of_gains(entries)
-    assert summary.extra["abandoned_steps"] <= 1
+    return rows
+
+
+def test_node_removed_at_4_workers_recovers_in_seconds(tmp_path):
+    """The node under rank 1, then under rank 0 (the rendezvous host) disappears mid-call at 4
+    workers; the survivors are pulled out of their collectives at once and re-form at 3, and the
+    controller's new capacity brings the group back to 4 before the next fault."""
+    spec = digits_spec(tmp_path, **{"workers.initial": 4, "workers.max": 4, "scaling.policy": "available"})
+    chaos = FaultAtEachRank("node", ranks=[1, 0], steps_between=30)
+    summary = make_trainer(spec, ledger=True, on_step=chaos, show_progress=False).run()
+    _check_recoveries(chaos, summary, tmp_path)
+    assert summary.stopped_early and summary.final_workers == 4
+
+
+def test_hung_worker_is_replaced_by_the_heartbeat(tmp_path):
+    """SIGSTOP: the rank neither dies nor answers; its call overruns, its heartbeat goes silent,
+    the group kills it and re-forms without waiting for the collective timeout."""
+    spec = digits_spec(tmp_path, **{"workers.initial": 4, "workers.max": 4})
+    chaos = FaultAtEachRank("sigstop", ranks=[2], steps_between=30)
+    summary = make_trainer(spec, ledger=True, on_step=chaos, show_progress=False).run()
+    rows = _check_recoveries(chaos, summary, tmp_path)
+    # Found by its silence: the detection is most of the recovery, and at least the silence allowed.
+    assert rows[0]["detection_s"] >= HANG_SILENCE_MIN_S
+    log = (tmp_path / "train.log").read_text()
+    assert "answered no heartbeat" in log
 
 
 def test_losing_every_worker_resumes_from_the_checkpoint(tmp_path):
