@@ -172,6 +172,8 @@ def skipped_samples(records: list[dict[str, Any]]) -> int:
 def run_elastic(scenario: str, workdir: Path) -> dict[str, Any]:
     from elastic.config import parse_job_spec
     from elastic.trainer import ElasticTrainer
+    from controller.backends import make_backend
+    from elastic_app.wiring import start_reconcile_loop
     from tests.elastic_runs import check_exactly_once, read_ledger
 
     initial = 4 if scenario == "loss" else 1
@@ -211,14 +213,14 @@ def run_elastic(scenario: str, workdir: Path) -> dict[str, Any]:
         if time.time() - started > RUN_LIMIT_S:
             trainer.request_stop()
 
-    class Trainer(ElasticTrainer):
-        def _start_controller(self, stop):
-            # The `available` policy follows capacity: pin it to the nodes this scenario starts with.
-            self.backend.cluster.capacity_limit = initial
-            return super()._start_controller(stop)
+    def start_controller(trainer: Any, stop: threading.Event) -> threading.Thread:
+        # The `available` policy follows capacity: pin it to the nodes this scenario starts with.
+        trainer.backend.cluster.capacity_limit = initial
+        return start_reconcile_loop(trainer, stop)
 
     started = time.time()
-    summary = Trainer(spec, ledger=True, on_step=on_step, show_progress=False).run()
+    summary = ElasticTrainer(spec, backend=make_backend(spec), start_controller=start_controller, ledger=True,
+                             on_step=on_step, show_progress=False).run()
     wall_s = time.time() - started
     entries = read_ledger(Path(spec.run_dir))
     check_exactly_once(entries, 1438, seed=0)  # raises on any sample lost or repeated
