@@ -141,6 +141,7 @@ class WorkerGroup:
         self.startup_s: collections.deque[float] = collections.deque(maxlen=20)
         """Seconds from spawn to ready of the workers started lately (newest last)."""
         self.generation = 0  # numbers the groups formed, so that a late abort hits only its own group
+        self._in_sync: set[str] = set()  # members of the last group formed: replicas known to be identical
 
     @property
     def size(self) -> int:
@@ -236,9 +237,13 @@ class WorkerGroup:
                 if payload is None and needs_state:
                     payload = members[0].actor.state.remote()
                 self.generation += 1
+                # Every member is a replica of the last group or takes the state: the model crossed
+                # once (object store), so DDP's construction broadcast would send it a second time.
+                # Decided here, for all ranks alike (the broadcast is a collective).
+                sync_init = any(m.worker_id not in self._in_sync and m.worker_id not in needs_state for m in members)
                 refs = [
                     m.actor.join.remote(rank, len(members), host, port, payload if m.worker_id in needs_state else None,
-                                        self.generation)
+                                        self.generation, sync_init)
                     for rank, m in enumerate(members)
                 ]
                 dead = []
@@ -249,6 +254,7 @@ class WorkerGroup:
                         dead.append(m)
                 if not dead:
                     self.members = members
+                    self._in_sync = {m.worker_id for m in members}
                     return time.perf_counter() - started
             except (RayActorError, GetTimeoutError):
                 dead = [members[0]]

@@ -232,10 +232,11 @@ class ElasticWorker:
         return host, port
 
     def join(self, rank: int, world_size: int, host: str, port: int, state: Mapping[str, Any] | None = None,
-             generation: int = 0) -> dict[str, Any]:
+             generation: int = 0, sync_init: bool = True) -> dict[str, Any]:
         """Leave the old group, form the new one, take ``state`` if given, set AdaScale's scale.
         ``generation`` numbers the driver's groups, so that a late abort meant for an older group
-        leaves this one alone (see :meth:`abort_collectives`)."""
+        leaves this one alone (see :meth:`abort_collectives`). ``sync_init=False`` (the same on every
+        rank): the replicas are already identical, so DDP skips its broadcast of rank 0's model."""
         started = time.perf_counter()
         self.leave()
         store = self._store if rank == 0 else dist.TCPStore(
@@ -251,9 +252,9 @@ class ElasticWorker:
         self._store = None
         if state is not None:
             self.load_state(state)
-        # DDP broadcasts rank 0's parameters and buffers while it is built: one more guarantee
-        # that every replica starts the new group identical.
-        self.ddp = torch.nn.parallel.DistributedDataParallel(self.model) if world_size > 1 else self.model
+        # Unless the driver knows the replicas identical, DDP broadcasts rank 0's parameters and buffers
+        # while it is built.
+        self.ddp = torch.nn.parallel.DistributedDataParallel(self.model, init_sync=sync_init) if world_size > 1 else self.model
         if world_size > 1:  # AdaScale's statistics ride on DDP's gradient all-reduce
             self.opt.attach_ddp(self.ddp)
         self.rank, self.world_size = rank, world_size
