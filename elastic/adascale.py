@@ -41,8 +41,8 @@ Symbols (PAPER.md), next to what holds them:
 - ``sigma^2`` -> ``grad_variance``; ``mu^2`` -> ``grad_sqnorm`` (smoothed, ``elastic.estimators``).
 - ``r_t`` -> ``gain`` = (sigma^2 + mu^2) / (sigma^2 / S + mu^2), in [1, S]; ``tau`` -> ``progress``.
 
-One statistics path: every hook stores a float64 norm on the gradient's device (no host sync);
-``step()`` stacks them into ``[sum_i ||g_i||^2, ||g_bar||^2]`` in float64, all-reduces that pair
+One statistics path: every hook stores a squared norm in float64 on the gradient's device (no host
+sync; float32 partial sums, whatever the gradient's dtype); ``step()`` stacks them into ``[sum_i ||g_i||^2, ||g_bar||^2]`` in float64, all-reduces that pair
 once across DDP's group (each rank norms a disjoint share of the buckets, so the sum is the whole
 ||g_bar||^2), reads it with one host sync, and every rank computes the same gain from the same two
 numbers. DDP's reducer keeps doing its job; the comm hook is DDP's default all-reduce plus a norm.
@@ -145,9 +145,9 @@ class AdaScale:
         self._params: list[torch.Tensor] = []
         self._handles: list[Any] = []
         self._passes: list[int] = []  # backward passes that reached parameter i this step
-        self._micro_norms: list[torch.Tensor] = []  # ||g_i|| / accumulation_steps, per parameter and pass
-        self._mean_norms: list[torch.Tensor | None] = []  # one process: ||.grad_i|| after its last pass
-        self._bucket_norms: dict[int, torch.Tensor] = {}  # DDP: ||averaged bucket||, this rank's share
+        self._micro_sq: list[torch.Tensor] = []  # ||g_i / accumulation_steps||^2, per parameter and pass
+        self._mean_sq: list[torch.Tensor | None] = []  # one process: ||.grad||^2 of each parameter after its last pass
+        self._bucket_sq: dict[int, torch.Tensor] = {}  # DDP: ||averaged bucket||^2, this rank's share
         self._buckets_reduced = 0  # DDP buckets all-reduced this step (all ranks' shares)
         for group in optimizer.param_groups:
             self._watch(group["params"])
@@ -324,19 +324,19 @@ class AdaScale:
 
     def _reduced_statistics(self) -> tuple[float, float]:
         """(sum_i ||g_i||^2 over the step's n gradients, ||g_bar||^2): one all-reduce, one host sync."""
-        if not self._micro_norms:
+        if not self._micro_sq:
             raise AdaScaleError("step(): no parameter has a gradient; did the loss depend on the model?")
-        device = self._micro_norms[0].device
+        device = self._micro_sq[0].device
         # The hooks saw g_i / accumulation_steps (the loss of each pass is divided by it).
-        micro = _sum_of_squares(self._micro_norms, device) * float(self.accumulation_steps ** 2)
+        micro = _sum(self._micro_sq, device) * float(self.accumulation_steps ** 2)
         if self._ddp is None:  # one process: g_bar's norms came from the post-accumulate hooks
-            return tuple(torch.stack([micro, _sum_of_squares(self._mean_norms, device)]).tolist())
+            return tuple(torch.stack([micro, _sum(self._mean_sq, device)]).tolist())
         if self._buckets_reduced == 0:  # DDP's reducer ran no all-reduce through the comm hook
             raise AdaScaleError("step(): DDP did not all-reduce this step's gradients (was every backward pass "
                                 "under no_sync, or the model not the attached one?)")
         # Each rank normed its own share of the averaged buckets, so the sum over ranks is ||g_bar||^2;
         # the all-reduce leaves the identical pair on every rank, hence the identical gain.
-        stats = torch.stack([micro, _sum_of_squares([self._bucket_norms[k] for k in sorted(self._bucket_norms)], device)])
+        stats = torch.stack([micro, _sum([self._bucket_sq[k] for k in sorted(self._bucket_sq)], device)])
         dist.all_reduce(stats, group=self._ddp_group)
         return tuple(stats.tolist())
 
@@ -393,7 +393,7 @@ class AdaScale:
             index = len(self._params)
             self._params.append(param)
             self._passes.append(0)
-            self._mean_norms.append(None)
+            self._mean_sq.append(None)
             self._handles.append(param.register_hook(functools.partial(self._on_micro_grad, index)))
             self._handles.append(param.register_post_accumulate_grad_hook(functools.partial(self._on_accumulated, index)))
 
@@ -401,14 +401,14 @@ class AdaScale:
         # A tensor hook runs before the gradient is added to .grad, so it sees this pass's gradient
         # alone; under DDP it also runs before the reducer (hooked after accumulation) reads it.
         self._passes[index] += 1
-        self._micro_norms.append(torch.linalg.vector_norm(grad.detach(), dtype=torch.float64))
+        self._micro_sq.append(_sqnorm(grad))
 
     def _on_accumulated(self, index: int, param: torch.Tensor) -> None:
         # In one process .grad holds g_bar once the step's last pass has been added: overwritten at
         # every pass, the last value is the complete one even for a parameter the last pass missed.
         # Under DDP .grad is still local here; g_bar comes from the comm hook instead.
         if self._ddp is None and self.accumulation_steps > 1:  # one gradient per step: nothing to estimate
-            self._mean_norms[index] = torch.linalg.vector_norm(param.grad.detach(), dtype=torch.float64)
+            self._mean_sq[index] = _sqnorm(param.grad)
 
     def _comm_hook(self, _state, bucket):  # no annotations: DDP compares them with its own objects
         group, world_size = self._ddp_group, self._ddp_world_size
@@ -419,7 +419,7 @@ class AdaScale:
             averaged = fut.value()[0]
             self._buckets_reduced += 1
             if index % world_size == self._ddp_rank:  # this rank's share of ||g_bar||^2
-                self._bucket_norms[index] = torch.linalg.vector_norm(averaged, dtype=torch.float64)
+                self._bucket_sq[index] = _sqnorm(averaged)
             return averaged
 
         return future.then(measured)
@@ -427,9 +427,9 @@ class AdaScale:
     # ---------------------------------------------------------------------------- internals
     def _forget_step(self) -> None:
         self._passes = [0] * len(self._params)
-        self._micro_norms = []
-        self._mean_norms = [None] * len(self._params)
-        self._bucket_norms = {}
+        self._micro_sq = []
+        self._mean_sq = [None] * len(self._params)
+        self._bucket_sq = {}
         self._buckets_reduced = 0
 
     def _world_size(self) -> int:
@@ -451,12 +451,30 @@ class AdaScale:
                                 "groups with AdaScale.add_param_group() so that their gradients are measured")
 
 
-def _sum_of_squares(norms: list[torch.Tensor | None], device: torch.device) -> torch.Tensor:
-    """sum of the squared norms, in float64, on ``device`` (zero for an empty list)."""
-    present = [n for n in norms if n is not None]
+#: Squared norms are summed in float32 over rows of this many elements, the rows in float64: the
+#: accuracy of a float64 norm (relative error ~1e-9 on 11M elements, against ~1e-5 for one float32
+#: norm) at a third of its cost. The variance is a difference of two close sums, so it needs it.
+_ROW = 1024
+
+
+def _sqnorm(t: torch.Tensor) -> torch.Tensor:
+    """||t||^2 as a float64 0-dim tensor on t's device (no host sync)."""
+    flat = t.detach().reshape(-1)
+    rows = flat.numel() // _ROW
+    tail = flat[rows * _ROW:]
+    total = torch.linalg.vector_norm(tail, dtype=torch.float32).double().square()
+    if rows:
+        total = total + torch.linalg.vector_norm(flat[:rows * _ROW].view(rows, _ROW), dim=1,
+                                                 dtype=torch.float32).double().square().sum()
+    return total
+
+
+def _sum(values: list[torch.Tensor | None], device: torch.device) -> torch.Tensor:
+    """The sum of float64 0-dim tensors, on ``device`` (zero for an empty list)."""
+    present = [v for v in values if v is not None]
     if not present:
         return torch.zeros((), dtype=torch.float64, device=device)
-    return torch.stack(present).to(device=device, dtype=torch.float64).square().sum()
+    return torch.stack(present).to(device).sum()
 
 
 def _check_accumulation(accumulation_steps: Any) -> None:
