@@ -78,6 +78,7 @@ def feed_synthetic(metrics: JobMetrics, *, gap_s: float = SCRAPE_GAP_S) -> None:
     controller.record_decision("noop", desired=2, capacity=2)
     steps(6, workers=2)
     trainer.record_checkpoint(0.4)
+    trainer.record_eval({"accuracy": 0.91, "loss": 0.3}, progress=state["tau"], step=state["step"])
     time.sleep(gap_s)
     # Phase 2: capacity appears; the controller grows the job 2 -> 4 in place.
     controller.record_decision("grow", desired=4, capacity=4)
