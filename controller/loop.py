@@ -193,6 +193,8 @@ class ReconcileLoop:
             else:
                 self._remove_released(self.trainer.current_workers())
         except Exception as exc:  # noqa: BLE001
+            if trigger and getattr(self.trainer, "expect_resize", None) is not None:
+                self.trainer.expect_resize(None, None)  # no capacity: the trainer must not wait at the trigger
             self._failed(f"{action} to {desired} workers via {getattr(self.actuator, 'name', 'actuator')}", exc)
         return decision
 

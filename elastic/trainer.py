@@ -304,10 +304,10 @@ class ElasticTrainer:
         self.metrics.set_target_workers(n)
 
     def expect_resize(self, at_progress: float | None, at_time_s: float | None = None) -> None:
-        """A scheduled resize comes at this trigger (its capacity is being added): calls end there."""
-        if at_progress is not None:
-            with self._lock:
-                self._hold_at = at_progress
+        """A scheduled resize comes at this trigger (its capacity is being added): calls end there.
+        ``None`` withdraws it (the capacity did not come)."""
+        with self._lock:
+            self._hold_at = at_progress
 
     def _trigger_due(self, at: tuple[float | None, float | None]) -> bool:
         """Whether a target with trigger ``at`` may be applied at this boundary."""

@@ -30,6 +30,7 @@ class World:
         self.live = list(self.hosted)  # workers training
         self.target = workers
         self.target_triggers: list[tuple] = []
+        self.expected: list[float | None] = []  # expect_resize calls
         self.due_at: float | None = None
         self.released: list[str] = []
         self.progress = 0.0
@@ -64,6 +65,9 @@ class World:
             self.effects.append(("target", n))
         self.target = n
         self.due_at = at_progress
+
+    def expect_resize(self, at_progress, at_time_s=None) -> None:
+        self.expected.append(at_progress)
 
     def released_workers(self):
         return tuple(self.released)
@@ -295,3 +299,17 @@ def test_run_rejects_bad_interval():
     world = World()
     with pytest.raises(LoopConfigError, match="interval_s"):
         make_loop(world).run(threading.Event(), interval_s=-1)
+
+
+def test_an_announced_grow_whose_capacity_fails_is_withdrawn():
+    """The trainer is told the trigger before capacity is added (calls stop there); when the actuator
+    fails, the trigger is withdrawn so the trainer does not wait at it for a target that never comes."""
+    world = World(workers=1, capacity=8)
+    world.fail_scale = True
+    loop = make_loop(world, policy=SchedulePolicy([(10.0, None, 4)]))
+    loop.reconcile_once()
+    assert world.expected == [10.0, None]
+    assert world.target == 1 and world.target_triggers == []
+    world.fail_scale = False
+    loop.reconcile_once()
+    assert world.expected[-1] == 10.0 and world.target_triggers[-1] == (4, 10.0, None)
