@@ -1,4 +1,5 @@
-"""Representative models for the benchmarks: a ResNet-18-style CNN and a GPT-style decoder.
+"""Representative models for the benchmarks: a ResNet-18-style CNN and a GPT-style decoder (the
+byte-level model of ``examples/charlm.py`` at ~10.8M parameters).
 
 Both are written with torch.nn alone (torchvision does not install beside the pinned CPU torch).
 Each builder returns the model and a function that makes one synthetic batch of the shape the
@@ -52,48 +53,6 @@ class ResNet18(nn.Module):
         return self.head(F.adaptive_avg_pool2d(self.layers(self.stem(x)), 1).flatten(1))
 
 
-class DecoderBlock(nn.Module):
-    def __init__(self, dim: int, heads: int) -> None:
-        super().__init__()
-        self.heads = heads
-        self.ln1, self.ln2 = nn.LayerNorm(dim), nn.LayerNorm(dim)
-        self.qkv = nn.Linear(dim, 3 * dim)
-        self.proj = nn.Linear(dim, dim)
-        self.mlp = nn.Sequential(nn.Linear(dim, 4 * dim), nn.GELU(), nn.Linear(4 * dim, dim))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        b, t, d = x.shape
-        q, k, v = self.qkv(self.ln1(x)).view(b, t, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)
-        attn = F.scaled_dot_product_attention(q, k, v, is_causal=True)
-        x = x + self.proj(attn.transpose(1, 2).reshape(b, t, d))
-        return x + self.mlp(self.ln2(x))
-
-
-class GPT(nn.Module):
-    """A GPT-style byte-level decoder: learned positions, pre-norm blocks, tied embedding.
-    Defaults (6 layers, width 384, 6 heads, 256 tokens, context 128): ~10.8M parameters."""
-
-    def __init__(self, vocab: int = 256, context: int = 128, dim: int = 384, layers: int = 6, heads: int = 6) -> None:
-        super().__init__()
-        self.context = context
-        self.tokens = nn.Embedding(vocab, dim)
-        self.positions = nn.Parameter(torch.zeros(context, dim))
-        self.blocks = nn.Sequential(*(DecoderBlock(dim, heads) for _ in range(layers)))
-        self.ln = nn.LayerNorm(dim)
-        self.apply(self._init)
-
-    @staticmethod
-    def _init(module: nn.Module) -> None:
-        if isinstance(module, (nn.Linear, nn.Embedding)):
-            nn.init.normal_(module.weight, std=0.02)
-        if isinstance(module, nn.Linear) and module.bias is not None:
-            nn.init.zeros_(module.bias)
-
-    def forward(self, idx: torch.Tensor) -> torch.Tensor:
-        x = self.tokens(idx) + self.positions[: idx.shape[1]]
-        return self.ln(self.blocks(x)) @ self.tokens.weight.T
-
-
 def parameter_count(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
@@ -105,11 +64,15 @@ def resnet18() -> tuple[nn.Module, MakeBatch, Callable[[torch.Tensor, torch.Tens
     return ResNet18(), batch, F.cross_entropy
 
 
-def gpt() -> tuple[nn.Module, MakeBatch, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]]:
-    model = GPT()
+def gpt(context: int = 128) -> tuple[nn.Module, MakeBatch, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]]:
+    """The byte-level decoder of ``examples/charlm.py`` at benchmark size: 6 layers, width 384,
+    6 heads, context 128, tied embeddings (~10.8M parameters)."""
+    from examples.charlm import ByteGPT
+
+    model = ByteGPT(block=context, dim=384, layers=6, heads=6)
 
     def batch(gen: torch.Generator, size: int) -> Batch:
-        tokens = torch.randint(0, 256, (size, model.context + 1), generator=gen)
+        tokens = torch.randint(0, 256, (size, context + 1), generator=gen)
         return tokens[:, :-1], tokens[:, 1:]
 
     def loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
