@@ -24,6 +24,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from benchmarks.common import write_text
+
 from tests.elastic_runs import ROOT, check_exactly_once, digits_spec, read_ledger
 from tests.fault_injection import FaultAtEachRank, recovery_rows
 from tests.test_chaos import KillAtSteps
@@ -186,8 +188,7 @@ def main(argv: list[str] | None = None) -> int:
     text = (f"Measured {time.strftime('%Y-%m-%d')} on this 2-core machine (load average {load[0]:.1f}); "
             f"`python -m benchmarks.chaos`\n\n{table}")
     print(text)
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(text)
+    write_text(Path(args.out), text)
     return 0
 
 

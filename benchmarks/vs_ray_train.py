@@ -38,6 +38,8 @@ import tempfile
 import threading
 import time
 from pathlib import Path
+
+from benchmarks.common import write_text
 from typing import Any, Callable
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -574,8 +576,7 @@ def main(argv: list[str] | None = None) -> int:
                   f"`python -m benchmarks.vs_ray_train --reps {args.reps} --scenarios {','.join(scenarios)}`")
     text = f"{header}\n\n{table(rows)}\n{summary_lines(rows)}\n"
     print(text)
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(text)
+    write_text(Path(args.out), text)
     return 0
 
 
