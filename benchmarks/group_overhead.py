@@ -47,6 +47,7 @@ from benchmarks.ray_common import (
     markdown_table,
     median,
     model_spec,
+    result_from_ranks,
     write_result,
 )
 
@@ -127,18 +128,7 @@ class PlainDDP:
                 raise BenchmarkError(f"plain DDP rank sent {msg[0]!r} instead of 'ready'")
 
     def _get(self, timeout_s: float) -> Any:
-        import queue
-
-        deadline = time.monotonic() + timeout_s
-        while True:
-            try:
-                return self.results.get(timeout=1.0)
-            except queue.Empty:
-                if any(p.exitcode not in (None, 0) for p in self.procs):
-                    raise BenchmarkError("a plain DDP rank exited: " +
-                                         ", ".join(f"rank {i} code {p.exitcode}" for i, p in enumerate(self.procs))) from None
-                if time.monotonic() > deadline:
-                    raise BenchmarkError(f"plain DDP ranks silent for {timeout_s:.0f} s") from None
+        return result_from_ranks(self.results, self.procs, timeout_s, "plain DDP")
 
     def run(self, steps: int) -> tuple[list[float], float]:
         for q in self.commands:

@@ -39,7 +39,7 @@ import torch
 from torch.nn import functional as F
 
 from benchmarks.common import markdown_table
-from benchmarks.ray_common import RESULTS_DIR, BenchmarkError, local_cluster, machine_load, write_result
+from benchmarks.ray_common import RESULTS_DIR, BenchmarkError, local_cluster, machine_load, result_from_ranks, write_result
 
 TARGET_RATIO = 0.97
 READY_TIMEOUT_S = 300.0
@@ -203,17 +203,7 @@ class PlainLoop:
             self._get(READY_TIMEOUT_S)
 
     def _get(self, timeout_s: float) -> Any:
-        import queue
-
-        deadline = time.monotonic() + timeout_s
-        while True:
-            try:
-                return self.results.get(timeout=1.0)
-            except queue.Empty:
-                if any(p.exitcode not in (None, 0) for p in self.procs):
-                    raise BenchmarkError("a plain-loop rank exited") from None
-                if time.monotonic() > deadline:
-                    raise BenchmarkError(f"plain-loop ranks silent for {timeout_s:.0f} s") from None
+        return result_from_ranks(self.results, self.procs, timeout_s, "plain-loop")
 
     def run(self, steps: int) -> float:
         """Seconds for ``steps`` steps (rank 0's clock)."""

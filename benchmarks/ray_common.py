@@ -31,6 +31,23 @@ class BenchmarkError(RuntimeError):
     """A benchmark that cannot run as asked (one-line message)."""
 
 
+def result_from_ranks(results: Any, procs: Any, timeout_s: float, what: str) -> Any:
+    """The next message on ``results`` (a multiprocessing queue) from the ``procs`` of a plain
+    baseline; BenchmarkError when one of them exits with an error or all stay silent for ``timeout_s``."""
+    import queue
+
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            return results.get(timeout=1.0)
+        except queue.Empty:
+            if any(p.exitcode not in (None, 0) for p in procs):
+                raise BenchmarkError(f"a {what} rank exited: " +
+                                     ", ".join(f"rank {i} code {p.exitcode}" for i, p in enumerate(procs))) from None
+            if time.monotonic() > deadline:
+                raise BenchmarkError(f"{what} ranks silent for {timeout_s:.0f} s") from None
+
+
 @dataclass(frozen=True)
 class ModelSpec:
     """One benchmark job: which task, with which arguments and per-worker batch."""
