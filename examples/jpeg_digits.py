@@ -78,6 +78,9 @@ class JpegImages(torch.utils.data.Dataset):
 
 
 class BasicBlock(nn.Module):
+    """Two 3x3 convolutions with BatchNorm and a shortcut (a 1x1 projection when the shape changes);
+    also the block of the benchmarks' ResNet-18 (``benchmarks.models``)."""
+
     def __init__(self, cin: int, cout: int, stride: int) -> None:
         super().__init__()
         self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
