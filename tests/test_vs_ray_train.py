@@ -1,10 +1,11 @@
-"""The arithmetic of benchmarks.vs_ray_train (no Ray): step timelines -> recovery figures."""
+"""The arithmetic of benchmarks.vs_ray_train (no Ray): step timelines -> recovery figures, and its table."""
 
 from __future__ import annotations
 
 import math
 
-from benchmarks.vs_ray_train import rollbacks, skipped_samples, table, timeline_figures
+from benchmarks.vs_ray_train_figures import rollbacks, skipped_samples, timeline_figures
+from benchmarks.vs_ray_train_report import table
 
 
 def _steps(attempt: str, first_step: int, count: int, t0: float, world: int, cursor: int, step_s: float = 0.1):
