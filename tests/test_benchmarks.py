@@ -11,9 +11,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from benchmarks import overhead, scale_sweep
+from benchmarks import overhead, scale_sweep, scale_sweep_train
 from benchmarks.common import markdown_table, median_ci
-from benchmarks.scale_sweep import RULES, TASKS, RunResult, RunSpec, summarize
+from benchmarks.scale_sweep_report import summarize
+from benchmarks.scale_sweep_train import RULES, TASKS, RunResult, RunSpec
 from elastic.task import load_task
 from examples.synthetic import SyntheticTask, SyntheticTaskError
 
@@ -98,10 +99,10 @@ def test_reduced_scale_sweep_cli_writes_table_and_figure(tmp_path):
 
 
 def test_rules_apply_their_learning_rates():
-    setup = scale_sweep.TaskSetup(name="synthetic", task_path="examples.synthetic:SyntheticTask",
+    setup = scale_sweep_train.TaskSetup(name="synthetic", task_path="examples.synthetic:SyntheticTask",
                                   total_progress=40, base_lr=0.05, micro_batch=8,
                                   task_args={"num_train": 512, "num_test": 256})
-    runs = {rule: scale_sweep.train_run(RunSpec(setup, rule, 4, 0)) for rule in RULES}
+    runs = {rule: scale_sweep_train.train_run(RunSpec(setup, rule, 4, 0)) for rule in RULES}
     lsw_lrs = [lr for _, lr in runs["lsw"].lr_trace]
     # LSW: lr * S after a warm-up of 5.5% of T = 2.2 tau (steps at tau 0, 4, ...), decayed at 50% and 75%.
     assert lsw_lrs[0] == pytest.approx(0.05 * 4 * 1 / 2.2)
@@ -129,10 +130,10 @@ def test_summarize_aggregates_over_seeds():
 
 
 def test_bad_sweep_config_raises_typed_errors():
-    with pytest.raises(scale_sweep.SweepError, match="rule"):
+    with pytest.raises(scale_sweep_train.SweepError, match="rule"):
         RunSpec(TASKS["digits"], "sqrt", 2, 0)
-    with pytest.raises(scale_sweep.SweepError, match="total_progress"):
-        scale_sweep.TaskSetup(name="x", task_path="a:B", total_progress=0, base_lr=0.1, micro_batch=4)
+    with pytest.raises(scale_sweep_train.SweepError, match="total_progress"):
+        scale_sweep_train.TaskSetup(name="x", task_path="a:B", total_progress=0, base_lr=0.1, micro_batch=4)
     with pytest.raises(ValueError, match="2 cells"):
         markdown_table(("a",), [(1, 2)])
 
