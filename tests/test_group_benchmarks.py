@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 
-from benchmarks import group_overhead, resize_latency
+from benchmarks import group_overhead, group_overhead_measure, resize_latency
 from benchmarks.ray_common import MODELS, BenchmarkError, job_spec, markdown_table
 from benchmarks.resize_latency import ResizeSample, summarize
 from elastic.config import parse_job_spec
@@ -103,7 +103,7 @@ def test_resize_summary_medians_and_ratio():
 
 def test_overhead_report_flags_the_target():
     def result(group_ms):
-        return group_overhead.OverheadResult("digits", 1, 100, group_ms, 10.0, 9.0, 8.5, 1.0, 0.8, 1.0, 0.01, 0.0,
+        return group_overhead_measure.OverheadResult("digits", 1, 100, group_ms, 10.0, 9.0, 8.5, 1.0, 0.8, 1.0, 0.01, 0.0,
                                              paired_ratio=group_ms / 10.0 + 0.01)
 
     assert result(10.5).ratio == pytest.approx(1.05)
@@ -153,7 +153,7 @@ def test_group_overhead_quick_table(cluster, tmp_path):
     assert [row[:3] for row in main_table] == [["digits", "9,930", "2"]] * len(main_table)
     assert main_table[0][3:5] == ["1", "40"]
     if len(main_table) == 2:
-        assert int(main_table[1][3]) == group_overhead.auto_steps_per_call(float(main_table[0][6])) > 1
+        assert int(main_table[1][3]) == group_overhead_measure.auto_steps_per_call(float(main_table[0][6])) > 1
     for row, detail in zip(main_table, details):
         ddp_ms, group_ms, ratio, paired = (float(x) for x in row[5:9])
         assert 0 < ddp_ms and 0 < group_ms and ratio == pytest.approx(group_ms / ddp_ms, rel=0.01) and paired > 0
