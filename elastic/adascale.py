@@ -41,11 +41,10 @@ Symbols (PAPER.md), next to what holds them:
 - ``sigma^2`` -> ``grad_variance``; ``mu^2`` -> ``grad_sqnorm`` (smoothed, ``elastic.estimators``).
 - ``r_t`` -> ``gain`` = (sigma^2 + mu^2) / (sigma^2 / S + mu^2), in [1, S]; ``tau`` -> ``progress``.
 
-One statistics path: every hook stores a squared norm in float64 on the gradient's device (no host
-sync; float32 partial sums, whatever the gradient's dtype); ``step()`` stacks them into ``[sum_i ||g_i||^2, ||g_bar||^2]`` in float64, all-reduces that pair
-once across DDP's group (each rank norms a disjoint share of the buckets, so the sum is the whole
-||g_bar||^2), reads it with one host sync, and every rank computes the same gain from the same two
-numbers. DDP's reducer keeps doing its job; the comm hook is DDP's default all-reduce plus a norm.
+One statistics path (:mod:`elastic.adascale_stats`; docs/design.md, "AdaScale: one statistics
+path"): hooks norm each micro-batch gradient and the averaged one, and ``step()`` gets the pair
+``[sum_i ||g_i||^2, ||g_bar||^2]`` after one all-reduce across DDP's group and one host sync, so
+every rank computes the same gain from the same two numbers.
 
 Conventions:
 
@@ -63,14 +62,12 @@ Conventions:
 
 from __future__ import annotations
 
-import functools
 import math
-import weakref
 from typing import Any, Callable
 
 import torch
-import torch.distributed as dist
 
+from elastic.adascale_stats import AdaScaleError, StepStatistics, check_accumulation
 from elastic.estimators import MIN_VARIANCE, SmoothedEstimates, default_smoothing, gain_ratio, step_estimates
 
 __all__ = ["AdaScale", "AdaScaleError", "MIN_VARIANCE", "gain_ratio"]
@@ -78,10 +75,6 @@ __all__ = ["AdaScale", "AdaScaleError", "MIN_VARIANCE", "gain_ratio"]
 LrSchedule = Callable[[float], float]
 
 _SQRT_GAIN_OPTIMIZERS = (torch.optim.Adam, torch.optim.AdamW)
-
-
-class AdaScaleError(RuntimeError):
-    """AdaScale was used in a way it cannot serve (one-line message)."""
 
 
 class AdaScale:
@@ -110,7 +103,7 @@ class AdaScale:
     ) -> None:
         if not isinstance(optimizer, torch.optim.Optimizer):
             raise AdaScaleError(f"optimizer: expected a torch.optim.Optimizer, got {type(optimizer).__name__}")
-        _check_accumulation(accumulation_steps)
+        check_accumulation(accumulation_steps)
         if scale is not None and not scale >= 1:
             raise AdaScaleError(f"scale: must be >= 1, got {scale!r}")
         if smoothing is not None and not 0.0 <= smoothing < 1.0:
@@ -118,6 +111,7 @@ class AdaScale:
         if grad_scaler is not None and not callable(getattr(grad_scaler, "get_scale", None)):
             raise AdaScaleError(f"grad_scaler: expected a torch.amp.GradScaler, got {type(grad_scaler).__name__}")
         self.optimizer = optimizer
+        self._stats = StepStatistics(accumulation_steps)  # before accumulation_steps, which it holds
         self.accumulation_steps = accumulation_steps
         self.smoothing = smoothing
         self.lr_schedule = lr_schedule
@@ -135,22 +129,17 @@ class AdaScale:
         self._steps = 0
         self._skipped_steps = 0
 
-        # DDP, when attached: the group its all-reduce runs in, and this rank's place in it.
-        self._ddp: Callable[[], Any] | None = None  # weak reference to the DDP model
-        self._ddp_group: Any = None
-        self._ddp_world_size = 1
-        self._ddp_rank = 0
-
-        # Per-step statistics, filled by the hooks, emptied by step() and zero_grad().
-        self._params: list[torch.Tensor] = []
-        self._handles: list[Any] = []
-        self._passes: list[int] = []  # backward passes that reached parameter i this step
-        self._micro_sq: list[torch.Tensor] = []  # ||g_i / accumulation_steps||^2, per parameter and pass
-        self._mean_sq: list[torch.Tensor | None] = []  # one process: ||.grad||^2 of each parameter after its last pass
-        self._bucket_sq: dict[int, torch.Tensor] = {}  # DDP: ||averaged bucket||^2, this rank's share
-        self._buckets_reduced = 0  # DDP buckets all-reduced this step (all ranks' shares)
         for group in optimizer.param_groups:
-            self._watch(group["params"])
+            self._stats.watch(group["params"])
+
+    @property
+    def accumulation_steps(self) -> int:
+        """Backward passes per step on each rank."""
+        return self._stats.accumulation_steps
+
+    @accumulation_steps.setter
+    def accumulation_steps(self, value: int) -> None:
+        self._stats.accumulation_steps = value
 
     # ----------------------------------------------------------------- public read-only state
     @property
@@ -163,7 +152,7 @@ class AdaScale:
         """S: scale-1 batches averaged per step."""
         if self._fixed_scale is not None:
             return self._fixed_scale
-        return float(self._ddp_world_size * self.accumulation_steps)
+        return float(self._stats.ddp_world_size * self.accumulation_steps)
 
     @property
     def progress(self) -> float:
@@ -220,15 +209,15 @@ class AdaScale:
         if not scale >= 1:
             raise AdaScaleError(f"scale: must be >= 1, got {scale!r}")
         if accumulation_steps is not None:
-            _check_accumulation(accumulation_steps)
+            check_accumulation(accumulation_steps)
             self.accumulation_steps = accumulation_steps
         self._fixed_scale = float(scale)
-        self._forget_step()
+        self._stats.forget_step()
 
     def add_param_group(self, group: dict[str, Any]) -> None:
         """Add a param group to the inner optimizer and measure its gradients from the next pass on."""
         self.optimizer.add_param_group(group)
-        self._watch(self.optimizer.param_groups[-1]["params"])
+        self._stats.watch(self.optimizer.param_groups[-1]["params"])
 
     def attach_ddp(self, model: torch.nn.Module) -> None:
         """Take ||g_bar||^2 from ``model``'s gradient all-reduce (required when world size > 1).
@@ -238,33 +227,21 @@ class AdaScale:
         plus the norm of the averaged bucket, on this rank's share of the buckets. DDP takes one
         comm hook per model: this fails on a model that already has one. Call it before the first
         backward pass through ``model``."""
-        group = getattr(model, "process_group", None)
-        if not isinstance(model, torch.nn.parallel.DistributedDataParallel) or group is None:
-            raise AdaScaleError(f"attach_ddp: expected a DistributedDataParallel model, got {type(model).__name__}")
-        try:
-            model.register_comm_hook(None, self._comm_hook)
-        except RuntimeError as exc:
-            raise AdaScaleError(f"attach_ddp: DDP refused the communication hook ({_first_line(exc)})") from None
-        self._ddp = weakref.ref(model)
-        self._ddp_group = group
-        self._ddp_world_size = dist.get_world_size(group)
-        self._ddp_rank = dist.get_rank(group)
-        self._forget_step()
+        self._stats.attach_ddp(model)
 
     def detach_ddp(self) -> None:
         """Forget the attached DDP model (the job went back to one process)."""
-        self._ddp, self._ddp_group, self._ddp_world_size, self._ddp_rank = None, None, 1, 0
-        self._forget_step()
+        self._stats.detach_ddp()
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         """Zero the gradients and forget a step that did not reach ``step()``.
 
         With a ``grad_scaler``, a step whose backward passes all ran but that the scaler skipped
         (inf/NaN) is counted in ``skipped_steps`` here."""
-        if self.grad_scaler is not None and max(self._passes, default=0) == self.accumulation_steps:
+        if self.grad_scaler is not None and self._stats.passes() == self.accumulation_steps:
             self._skipped_steps += 1
         self.optimizer.zero_grad(set_to_none=set_to_none)
-        self._forget_step()
+        self._stats.forget_step()
 
     # ------------------------------------------------------------------------------ the step
     def step(self, closure: None = None) -> bool:
@@ -272,8 +249,8 @@ class AdaScale:
         if closure is not None:
             raise AdaScaleError("step(closure): closures are not supported; run the backward passes first")
         self._check_param_groups()
-        world_size = self._world_size()
-        passes = max(self._passes, default=0)
+        world_size = self._stats.world_size(self.process_group)
+        passes = self._stats.passes()
         try:
             if passes == 0:
                 raise AdaScaleError("step() called before any backward pass through the wrapped parameters; "
@@ -283,9 +260,9 @@ class AdaScale:
                     f"accumulation_steps={self.accumulation_steps} but {passes} backward passes ran since the "
                     "last step; run exactly accumulation_steps backward passes per step (and call opt.zero_grad() "
                     "after a step a GradScaler skipped)")
-            micro_sqnorm_sum, mean_sqnorm = self._reduced_statistics()
+            micro_sqnorm_sum, mean_sqnorm = self._stats.reduced()
         finally:
-            self._forget_step()
+            self._stats.forget_step()
         if self.grad_scaler is not None and self.grad_scaler.is_enabled():
             loss_scale_sq = float(self.grad_scaler.get_scale()) ** 2
             micro_sqnorm_sum, mean_sqnorm = micro_sqnorm_sum / loss_scale_sq, mean_sqnorm / loss_scale_sq
@@ -321,24 +298,6 @@ class AdaScale:
         self._progress += self._gain
         self._steps += 1
         return True
-
-    def _reduced_statistics(self) -> tuple[float, float]:
-        """(sum_i ||g_i||^2 over the step's n gradients, ||g_bar||^2): one all-reduce, one host sync."""
-        if not self._micro_sq:
-            raise AdaScaleError("step(): no parameter has a gradient; did the loss depend on the model?")
-        device = self._micro_sq[0].device
-        # The hooks saw g_i / accumulation_steps (the loss of each pass is divided by it).
-        micro = _sum(self._micro_sq, device) * float(self.accumulation_steps ** 2)
-        if self._ddp is None:  # one process: g_bar's norms came from the post-accumulate hooks
-            return tuple(torch.stack([micro, _sum(self._mean_sq, device)]).tolist())
-        if self._buckets_reduced == 0:  # DDP's reducer ran no all-reduce through the comm hook
-            raise AdaScaleError("step(): DDP did not all-reduce this step's gradients (was every backward pass "
-                                "under no_sync, or the model not the attached one?)")
-        # Each rank normed its own share of the averaged buckets, so the sum over ranks is ||g_bar||^2;
-        # the all-reduce leaves the identical pair on every rank, hence the identical gain.
-        stats = torch.stack([micro, _sum([self._bucket_sq[k] for k in sorted(self._bucket_sq)], device)])
-        dist.all_reduce(stats, group=self._ddp_group)
-        return tuple(stats.tolist())
 
     # ------------------------------------------------------------------------ checkpoints
     def state_dict(self) -> dict[str, Any]:
@@ -383,105 +342,11 @@ class AdaScale:
         self._steps = int(ada["steps"])
         self._skipped_steps = int(ada["skipped_steps"])
         self.accumulation_steps = int(ada.get("accumulation_steps", self.accumulation_steps))
-        self._forget_step()
-
-    # ---------------------------------------------------------------------------- the hooks
-    def _watch(self, params: list[torch.Tensor]) -> None:
-        for param in params:
-            if not param.requires_grad:
-                continue
-            index = len(self._params)
-            self._params.append(param)
-            self._passes.append(0)
-            self._mean_sq.append(None)
-            self._handles.append(param.register_hook(functools.partial(self._on_micro_grad, index)))
-            self._handles.append(param.register_post_accumulate_grad_hook(functools.partial(self._on_accumulated, index)))
-
-    def _on_micro_grad(self, index: int, grad: torch.Tensor) -> None:
-        # A tensor hook runs before the gradient is added to .grad, so it sees this pass's gradient
-        # alone; under DDP it also runs before the reducer (hooked after accumulation) reads it.
-        self._passes[index] += 1
-        self._micro_sq.append(_sqnorm(grad))
-
-    def _on_accumulated(self, index: int, param: torch.Tensor) -> None:
-        # In one process .grad holds g_bar once the step's last pass has been added: overwritten at
-        # every pass, the last value is the complete one even for a parameter the last pass missed.
-        # Under DDP .grad is still local here; g_bar comes from the comm hook instead.
-        if self._ddp is None and self.accumulation_steps > 1:  # one gradient per step: nothing to estimate
-            self._mean_sq[index] = _sqnorm(param.grad)
-
-    def _comm_hook(self, _state, bucket):  # no annotations: DDP compares them with its own objects
-        group, world_size = self._ddp_group, self._ddp_world_size
-        index = bucket.index()
-        future = dist.all_reduce(bucket.buffer().div_(world_size), group=group, async_op=True).get_future()
-
-        def measured(fut: torch.futures.Future) -> torch.Tensor:
-            averaged = fut.value()[0]
-            self._buckets_reduced += 1
-            if index % world_size == self._ddp_rank:  # this rank's share of ||g_bar||^2
-                self._bucket_sq[index] = _sqnorm(averaged)
-            return averaged
-
-        return future.then(measured)
-
-    # ---------------------------------------------------------------------------- internals
-    def _forget_step(self) -> None:
-        self._passes = [0] * len(self._params)
-        self._micro_sq = []
-        self._mean_sq = [None] * len(self._params)
-        self._bucket_sq = {}
-        self._buckets_reduced = 0
-
-    def _world_size(self) -> int:
-        """Ranks averaging gradients this step: the attached DDP group's, else 1 (or an error)."""
-        if self._ddp is not None:
-            if self._ddp() is None:  # the DDP wrapper was dropped: back to one process
-                self.detach_ddp()
-            else:
-                return self._ddp_world_size
-        if dist.is_available() and dist.is_initialized() and dist.get_world_size(self.process_group) > 1:
-            raise AdaScaleError("step(): torch.distributed has world size > 1 but no DDP model is attached; "
-                                "call opt.attach_ddp(ddp_model) after building DistributedDataParallel")
-        return 1
+        self._stats.forget_step()
 
     def _check_param_groups(self) -> None:
         count = sum(1 for g in self.optimizer.param_groups for p in g["params"] if p.requires_grad)
-        if count != len(self._params):
+        if count != self._stats.num_params:
             raise AdaScaleError("the inner optimizer's parameters changed after AdaScale wrapped it; add param "
                                 "groups with AdaScale.add_param_group() so that their gradients are measured")
 
-
-#: Squared norms are summed in float32 over rows of this many elements, the rows in float64: the
-#: accuracy of a float64 norm (relative error ~1e-9 on 11M elements, against ~1e-5 for one float32
-#: norm) at a third of its cost. The variance is a difference of two close sums, so it needs it.
-_ROW = 1024
-
-
-def _sqnorm(t: torch.Tensor) -> torch.Tensor:
-    """||t||^2 as a float64 0-dim tensor on t's device (no host sync)."""
-    flat = t.detach().reshape(-1)
-    rows = flat.numel() // _ROW
-    tail = flat[rows * _ROW:]
-    total = torch.linalg.vector_norm(tail, dtype=torch.float32).double().square()
-    if rows:
-        total = total + torch.linalg.vector_norm(flat[:rows * _ROW].view(rows, _ROW), dim=1,
-                                                 dtype=torch.float32).double().square().sum()
-    return total
-
-
-def _sum(values: list[torch.Tensor | None], device: torch.device) -> torch.Tensor:
-    """The sum of float64 0-dim tensors, on ``device`` (zero for an empty list)."""
-    present = [v for v in values if v is not None]
-    if not present:
-        return torch.zeros((), dtype=torch.float64, device=device)
-    return torch.stack(present).to(device).sum()
-
-
-def _check_accumulation(accumulation_steps: Any) -> None:
-    if not isinstance(accumulation_steps, int) or isinstance(accumulation_steps, bool) or accumulation_steps < 1:
-        raise AdaScaleError(f"accumulation_steps: must be an integer >= 1, got {accumulation_steps!r}")
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__

@@ -5,12 +5,11 @@ join a new process group; a worker never decides anything about the group on its
 
 Out-of-band control: the group runs each worker with a second Ray concurrency group
 (:data:`CONTROL_GROUP`) whose calls (``ping``, ``abort_collectives``) are served on their own
-thread while ``train_steps`` is blocked in a collective. Gloo in torch 2.13 has no working abort
-(``ProcessGroup.abort()`` returns at once and the blocked collective stays blocked, measured), and a
-survivor that is not next to a dead rank in gloo's ring waits for the collective timeout. What does
-wake it is its connections closing, as when a peer process exits: ``abort_collectives`` shuts down
-this rank's gloo connections (those to and from the group's listeners, found by address), so the
-blocked collective raises at once, and every peer blocked on this rank raises in turn.
+thread while ``train_steps`` is blocked in a collective. ``abort_collectives`` shuts down this
+rank's gloo connections (:mod:`elastic.gloo_abort` says why that, and not ``ProcessGroup.abort()``),
+so the blocked collective raises at once, and every peer blocked on this rank raises in turn.
+Around the step: :mod:`elastic.optimizer` builds the optimizer and AdaScale, :mod:`elastic.precision`
+applies ``training.precision``.
 """
 
 from __future__ import annotations
@@ -27,11 +26,16 @@ from typing import Any, Mapping, Sequence
 import torch
 import torch.distributed as dist
 
-from elastic.adascale import AdaScale
 from elastic.config import JobSpec, parse_job_spec
 from elastic.data import InputPipeline, LoaderSettings, derive_seed, keys_checksum, resolve_num_workers, seed_everything
-from elastic.schedules import make_schedule
+from elastic.gloo_abort import GlooEndpoints as _GlooEndpoints
+from elastic.gloo_abort import tcp_listeners as _tcp_listeners
+from elastic.optimizer import build_adascale, build_optimizer
+from elastic.optimizer import build_adascale_and_scheduler as _build_adascale
+from elastic.precision import Precision
 from elastic.task import TaskError, WorkerContext, load_task, set_context
+
+__all__ = ["COLLECTIVE_TIMEOUT_S", "CONTROL_GROUP", "ElasticWorker", "build_adascale", "build_optimizer"]
 
 logger = logging.getLogger(__name__)
 
@@ -40,103 +44,6 @@ logger = logging.getLogger(__name__)
 COLLECTIVE_TIMEOUT_S = 60.0
 #: The Ray concurrency group of the out-of-band calls (one thread beside the training thread).
 CONTROL_GROUP = "control"
-
-
-def build_optimizer(spec: JobSpec, params) -> torch.optim.Optimizer:
-    o = spec.optimizer
-    if o.name == "sgd":
-        return torch.optim.SGD(params, lr=o.lr, momentum=o.momentum, weight_decay=o.weight_decay)
-    betas = o.betas or (0.9, 0.999)
-    cls = torch.optim.Adam if o.name == "adam" else torch.optim.AdamW
-    return cls(params, lr=o.lr, betas=betas, weight_decay=o.weight_decay)
-
-
-def _task_optimizer(spec: JobSpec, task: Any, model: torch.nn.Module) -> tuple[torch.optim.Optimizer, Any]:
-    """(optimizer, torch LR scheduler or None): the spec's, or the task's ``build_optimizer(model)``."""
-    has_hook = callable(getattr(task, "build_optimizer", None))
-    if spec.optimizer.name != "task":
-        if has_hook:
-            raise TaskError(f"optimizer.name: the task defines build_optimizer(model) but the spec names "
-                            f"{spec.optimizer.name!r}; set optimizer: {{name: task}} to use it")
-        return build_optimizer(spec, model.parameters()), None
-    if not has_hook:
-        raise TaskError("optimizer.name: 'task' needs a build_optimizer(model) method on the task")
-    built = task.build_optimizer(model)
-    optimizer, scheduler = built if isinstance(built, tuple) else (built, None)
-    if not isinstance(optimizer, torch.optim.Optimizer):
-        raise TaskError(f"build_optimizer must return a torch.optim.Optimizer or (optimizer, lr_scheduler), "
-                        f"got {type(optimizer).__name__}")
-    return optimizer, scheduler
-
-
-def _lr_schedule(spec: JobSpec, task: Any):
-    """The multiplier of the base lr as a function of tau: the task's hook, or the spec's schedule."""
-    hook = getattr(task, "lr_schedule", None)
-    if callable(hook):
-        total = spec.total_progress
-        return lambda tau: float(hook(tau, total))
-    s = spec.lr_schedule
-    return make_schedule(s.kind, spec.total_progress, s.milestones, s.gamma, s.warmup_fraction)
-
-
-def build_adascale(spec: JobSpec, model: torch.nn.Module, task: Any = None, grad_scaler: Any = None) -> AdaScale:
-    """AdaScale around the configured optimizer; with adascale disabled, S is pinned to 1 (gain 1)."""
-    adascale, _ = _build_adascale(spec, model, task, grad_scaler)
-    return adascale
-
-
-def _build_adascale(spec: JobSpec, model: torch.nn.Module, task: Any, grad_scaler: Any) -> tuple[AdaScale, Any]:
-    optimizer, lr_scheduler = _task_optimizer(spec, task, model)
-    scale = None if spec.adascale.enabled else 1
-    extra = {"grad_scaler": grad_scaler} if grad_scaler is not None else {}
-    opt = AdaScale(optimizer, scale=scale, accumulation_steps=spec.accumulation_steps,
-                   lr_schedule=_lr_schedule(spec, task), **extra)
-    return opt, lr_scheduler
-
-
-class Precision:
-    """``training.precision``: how the forward runs and how the update is applied.
-
-    fp32 and bf16 (autocast) back-propagate the loss as it is; fp16 scales it with a dynamic
-    GradScaler, unscales before clipping and lets the scaler skip overflowing steps. AdaScale reads
-    its statistics during backward, from the unclipped gradients (unscaled by the scaler it is given),
-    so the clipping between backward and step does not change them."""
-
-    def __init__(self, kind: str, device: torch.device) -> None:
-        self.kind = kind
-        self.device_type = device.type
-        self.scaler = torch.amp.GradScaler(device.type) if kind == "fp16" else None
-
-    def autocast(self):
-        if self.kind == "fp32":
-            return contextlib.nullcontext()
-        dtype = torch.bfloat16 if self.kind == "bf16" else torch.float16
-        return torch.autocast(device_type=self.device_type, dtype=dtype)
-
-    def backward(self, loss: torch.Tensor) -> None:
-        (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
-
-    def apply(self, opt: AdaScale, params: Sequence[torch.Tensor], max_grad_norm: float | None) -> tuple[bool, float | None]:
-        """Clip (if asked) and step; (update applied, total gradient norm before clipping or None)."""
-        if self.scaler is not None:
-            self.scaler.unscale_(opt)
-        grad_norm = None
-        if max_grad_norm is not None:
-            grad_norm = float(torch.nn.utils.clip_grad_norm_(params, max_grad_norm))
-        if self.scaler is None:
-            return bool(opt.step()), grad_norm
-        skipped_before = opt.skipped_steps
-        result = self.scaler.step(opt)
-        self.scaler.update()
-        applied = bool(result) if result is not None else False
-        return applied and opt.skipped_steps == skipped_before, grad_norm
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"scaler": self.scaler.state_dict()} if self.scaler is not None else {}
-
-    def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        if self.scaler is not None and state.get("scaler"):
-            self.scaler.load_state_dict(state["scaler"])
 
 
 def _loss_and_metrics(out: Any) -> tuple[torch.Tensor, dict[str, Any]]:
@@ -406,95 +313,6 @@ class ElasticWorker:
     def ping(self) -> float:
         """Heartbeat (served in CONTROL_GROUP, so it answers while a step runs): the wall time."""
         return time.time()
-
-
-def _tcp_listeners() -> set[tuple[str, int]]:
-    """Addresses of this process's listening TCP sockets."""
-    return {local for local, _, listening, _ in _tcp_sockets() if listening}
-
-
-def _tcp_sockets():
-    """(local address, peer address or None, listening, fd) of this process's TCP sockets; reads
-    each through a duplicate descriptor, so nothing of the original changes."""
-    for name in os.listdir("/proc/self/fd"):
-        try:
-            if not os.readlink(f"/proc/self/fd/{name}").startswith("socket:"):
-                continue
-            sock = socket.socket(fileno=os.dup(int(name)))
-        except (OSError, ValueError):
-            continue  # closed meanwhile, or not a socket Python can wrap
-        try:
-            if sock.family not in (socket.AF_INET, socket.AF_INET6) or sock.type != socket.SOCK_STREAM:
-                continue
-            listening = bool(sock.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN))
-            peer = None if listening else _address(sock.getpeername())
-            yield _address(sock.getsockname()), peer, listening, int(name)
-        except OSError:
-            continue  # not connected (any more)
-        finally:
-            sock.close()
-
-
-def _address(sockaddr) -> tuple[str, int]:
-    host = sockaddr[0]
-    return (host[7:] if host.startswith("::ffff:") else host), int(sockaddr[1])
-
-
-_ANY_HOST = ("0.0.0.0", "::")
-
-
-class _GlooEndpoints:
-    """Where this rank's gloo connections are. Gloo's TCP transport gives every rank one listener
-    and connects each pair of ranks through one of the two listeners, so a connection belongs to
-    the group when one end of it is a listener of the group's ranks."""
-
-    def __init__(self, own: tuple[str, int], peers: set[tuple[str, int]]) -> None:
-        self.own, self.peers = own, peers
-
-    def owns(self, local: tuple[str, int], peer: tuple[str, int]) -> bool:
-        """Whether a connection (local, peer) is one of the group's: accepted on this rank's
-        listener, or made to a peer's (a listener bound to every interface matches by port)."""
-        if local[1] == self.own[1] and self.own[0] in (local[0], *_ANY_HOST):
-            return True
-        return any(peer[1] == port and host in (peer[0], *_ANY_HOST) for host, port in self.peers)
-
-    @classmethod
-    def exchange(cls, store: Any, rank: int, world_size: int,
-                 listeners_before: set[tuple[str, int]]) -> _GlooEndpoints | None:
-        """Find the listener that ``init_process_group`` opened and swap addresses through the
-        group's store (a few small store calls); None when it cannot be told apart."""
-        new = _tcp_listeners() - listeners_before
-        if len(new) != 1:
-            logger.warning("abort path unavailable for this group: %d new listening sockets", len(new))
-            return None
-        own = next(iter(new))
-        store.set(f"elastic/gloo_listener/{rank}", f"{own[0]} {own[1]}")
-        peers = set()
-        for r in range(world_size):
-            if r != rank:
-                host, port = store.get(f"elastic/gloo_listener/{r}").decode().split()
-                peers.add((host, int(port)))
-        return cls(own, peers)
-
-    def shut_down(self) -> int:
-        """shutdown(2) both directions of every gloo connection; returns how many. The listener
-        itself stays (gloo's accept loop treats a shut listener as fatal)."""
-        shut = 0
-        for local, peer, listening, fd in list(_tcp_sockets()):
-            if listening or peer is None or not self.owns(local, peer):
-                continue
-            try:
-                sock = socket.socket(fileno=os.dup(fd))
-            except OSError:
-                continue
-            try:
-                sock.shutdown(socket.SHUT_RDWR)
-                shut += 1
-            except OSError:
-                pass  # already closed by the peer
-            finally:
-                sock.close()
-        return shut
 
 
 def _normal_priority() -> None:

@@ -1,4 +1,4 @@
-"""The out-of-band abort of gloo collectives (elastic.worker._GlooEndpoints), in plain torch processes.
+"""The out-of-band abort of gloo collectives (elastic.gloo_abort.GlooEndpoints), in plain torch processes.
 
 Four ranks form a gloo group; rank 3 goes silent without exiting (as a SIGSTOPped or partitioned
 worker would), so ranks 0-2 block in an all-reduce that only the collective timeout would end. An
@@ -31,13 +31,13 @@ def _rank(rank: int, world: int, ports: tuple[int, int], queue) -> None:
     import torch
     import torch.distributed as dist
 
-    from elastic.worker import _GlooEndpoints, _tcp_listeners
+    from elastic.gloo_abort import GlooEndpoints, tcp_listeners
 
     timeout = datetime.timedelta(seconds=TIMEOUT_S)
     store = dist.TCPStore("127.0.0.1", ports[0], world, is_master=rank == 0, timeout=timeout)
-    before = _tcp_listeners()
+    before = tcp_listeners()
     dist.init_process_group("gloo", store=store, rank=rank, world_size=world, timeout=timeout)
-    endpoints = _GlooEndpoints.exchange(store, rank, world, before)
+    endpoints = GlooEndpoints.exchange(store, rank, world, before)
     dist.all_reduce(torch.ones(4))  # the group works
     queue.put(("ready", rank, endpoints is not None))
     if rank == world - 1:
