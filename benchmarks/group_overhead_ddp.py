@@ -6,11 +6,10 @@ from __future__ import annotations
 
 import datetime
 import os
-import socket
 import time
 from typing import Any
 
-from benchmarks.ray_common import BenchmarkError, result_from_ranks
+from benchmarks.spawned_ranks import SpawnedRanks
 
 
 def _ddp_rank(rank: int, world: int, port: int, job: Any, commands: Any, results: Any) -> None:
@@ -68,41 +67,11 @@ class PlainDDP:
     """The plain-loop ranks, started once and driven block by block."""
 
     def __init__(self, spec: Any, world: int, ready_timeout_s: float) -> None:
-        import torch.multiprocessing as mp
-
-        ctx = mp.get_context("spawn")
-        self.results = ctx.Queue()
-        self.commands = [ctx.Queue() for _ in range(world)]
-        self.ready_timeout_s = ready_timeout_s
-        port = _free_port()
-        self.procs = [ctx.Process(target=_ddp_rank, args=(r, world, port, spec, self.commands[r], self.results), daemon=True)
-                      for r in range(world)]
-        for p in self.procs:
-            p.start()
-        for _ in range(world):
-            msg = self._get(self.ready_timeout_s)
-            if msg[0] != "ready":
-                raise BenchmarkError(f"plain DDP rank sent {msg[0]!r} instead of 'ready'")
-
-    def _get(self, timeout_s: float) -> Any:
-        return result_from_ranks(self.results, self.procs, timeout_s, "plain DDP")
+        self.ranks = SpawnedRanks(_ddp_rank, world, (spec,), "plain DDP", ready_timeout_s)
 
     def run(self, steps: int) -> tuple[list[float], float]:
-        for q in self.commands:
-            q.put(("run", steps))
-        msg = self._get(self.ready_timeout_s)
+        msg = self.ranks.command("run", steps)
         return msg[1], msg[2]
 
     def close(self) -> None:
-        for q in self.commands:
-            q.put(("stop",))
-        for p in self.procs:
-            p.join(timeout=30)
-            if p.is_alive():
-                p.kill()
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+        self.ranks.close()

@@ -28,10 +28,10 @@ import torch.distributed as dist
 
 from elastic.config import JobSpec, parse_job_spec
 from elastic.data import InputPipeline, LoaderSettings, derive_seed, keys_checksum, resolve_num_workers, seed_everything
-from elastic.gloo_abort import GlooEndpoints as _GlooEndpoints
-from elastic.gloo_abort import tcp_listeners as _tcp_listeners
+from elastic.allocator import retain_freed_memory
+from elastic.gloo_abort import GlooEndpoints, tcp_listeners
 from elastic.optimizer import build_adascale, build_optimizer
-from elastic.optimizer import build_adascale_and_scheduler as _build_adascale
+from elastic.optimizer import build_adascale_and_scheduler
 from elastic.precision import Precision
 from elastic.task import TaskError, WorkerContext, load_task, set_context
 
@@ -73,6 +73,8 @@ class ElasticWorker:
         self.worker_id = worker_id
         torch.set_num_threads(max(1, int(self.spec.cluster.num_cpus_per_worker)))
         _normal_priority()
+        if self.spec.cluster.retain_heap:
+            retain_freed_memory()  # before the DataLoader forks its workers, which inherit it
         self.device = torch.device("cuda", 0) if self.spec.cluster.use_gpu and torch.cuda.is_available() else torch.device("cpu")
         self.rank = -1
         self.world_size = 0
@@ -87,12 +89,12 @@ class ElasticWorker:
                             "map-style dataset (__getitem__ and __len__); iterable datasets are not supported")
         self.model = self.task.build_model().to(self.device)
         self.precision = Precision(self.spec.training.precision, self.device)
-        self.opt, self.lr_scheduler = _build_adascale(self.spec, self.model, self.task, self.precision.scaler)
+        self.opt, self.lr_scheduler = build_adascale_and_scheduler(self.spec, self.model, self.task, self.precision.scaler)
         self._params = [p for p in self.model.parameters() if p.requires_grad]
         self.ddp: torch.nn.Module = self.model
         self.pipeline = self._build_pipeline()
         self._store: Any = None
-        self._gloo: _GlooEndpoints | None = None  # this rank's gloo addresses, for abort_collectives
+        self._gloo: GlooEndpoints | None = None  # this rank's gloo addresses, for abort_collectives
         self._abort_lock = threading.Lock()
         self._generation = -1
 
@@ -149,11 +151,11 @@ class ElasticWorker:
         store = self._store if rank == 0 else dist.TCPStore(
             host, port, is_master=False, timeout=datetime.timedelta(seconds=COLLECTIVE_TIMEOUT_S))
         backend = "nccl" if self.device.type == "cuda" else "gloo"
-        sockets_before = _tcp_listeners()
+        sockets_before = tcp_listeners()
         dist.init_process_group(backend, store=store, rank=rank, world_size=world_size,
                                 timeout=datetime.timedelta(seconds=COLLECTIVE_TIMEOUT_S))
         if backend == "gloo" and world_size > 1:
-            gloo = _GlooEndpoints.exchange(store, rank, world_size, sockets_before)
+            gloo = GlooEndpoints.exchange(store, rank, world_size, sockets_before)
             with self._abort_lock:
                 self._gloo, self._generation = gloo, generation
         self._store = None

@@ -13,7 +13,7 @@ import threading
 
 import pytest
 
-from elastic.group import HANG_SILENCE_MIN_S
+from elastic.call_watch import HANG_SILENCE_MIN_S
 from elastic.trainer import TrainerError
 from elastic_app.wiring import make_trainer
 from elastic.worker import COLLECTIVE_TIMEOUT_S

@@ -28,6 +28,10 @@ class ClusterConfig(Section):
     """CPUs reserved for each worker actor."""
     use_gpu: Bool = False
     """Give each worker one GPU (nccl); false = CPU workers (gloo)."""
+    retain_heap: Bool = True
+    """Workers keep the heap memory they free for the next step (glibc malloc options, see
+    ``elastic/allocator.py``) instead of faulting it back in page by page; false leaves the C
+    allocator as it is. Ignored where LD_PRELOAD or MALLOC_* variables choose the allocator."""
 
     @model_validator(mode="after")
     def _check(self) -> ClusterConfig:
