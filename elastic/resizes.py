@@ -57,9 +57,21 @@ class ResizeLog:
         logger.info("resized %d -> %d workers in place (%s, %s) at tau %.1f; %.3f s after the decision, "
                     "paused %.3f s", from_workers, to_workers, direction, cause, event.progress, since_decision_s, pause_s)
 
-    def failed(self, fault: Any, from_workers: int, to_workers: int) -> None:
-        """The group re-formed at ``to_workers`` after ``fault`` (``elastic.group.FaultTiming``)."""
-        self._failure = (fault, from_workers, to_workers)
+    def workers_lost(self, outcome: Any, from_workers: int, to_workers: int, metrics: Any) -> int:
+        """Workers lost in a call's ``outcome`` (``elastic.group``), the group re-formed at
+        ``to_workers``: counted and said now; the resize is recorded when training resumes at the
+        new size (``failure_resumed``). Returns how many were lost."""
+        lost = len(outcome.lost_workers)
+        metrics.record_failure(lost)
+        fault = outcome.fault
+        logger.warning("worker failure: lost %s; step %s; %s", ", ".join(outcome.lost_workers),
+                       "kept" if outcome.completed else "redone",
+                       f"re-formed with {to_workers} worker(s): detected {fault.detection_s:.3f} s after the "
+                       f"fault's first sign, re-formed {fault.reformed_s - fault.detected_s:.3f} s after detection"
+                       if fault is not None and fault.reformed_s else "no survivor")
+        if fault is not None and to_workers > 0:
+            self._failure = (fault, from_workers, to_workers)
+        return lost
 
     @property
     def failure_pending(self) -> bool:

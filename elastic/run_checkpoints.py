@@ -19,6 +19,10 @@ class RunCheckpoints:
         self.manager = CheckpointManager(spec.checkpoint.dir, keep_last=spec.checkpoint.keep_last)
         self.directory = spec.checkpoint.dir
         self.state = state
+        self.resumed_from_step: int | None = None
+        """The checkpoint step this process first loaded (what ``--resume`` continued); None if none."""
+        self.elapsed_before_s = 0.0
+        """Training time of the run's earlier attempts (from that checkpoint)."""
 
     def latest_step(self) -> int | None:
         return self.manager.latest_step()
@@ -47,8 +51,8 @@ class RunCheckpoints:
             self.state.enter(resume_phase, f"checkpoint of step {step} written")
         logger.debug("checkpoint %s", path)
 
-    def load_latest(self, run_id: str) -> tuple[int, dict[str, Any]] | None:
-        """(step, state) of the newest valid checkpoint, or None (said so: training starts afresh)."""
+    def load_latest(self, run_id: str) -> dict[str, Any] | None:
+        """The newest valid checkpoint's state, or None (said so: training starts afresh)."""
         loaded = self.manager.load_latest()
         if loaded is None:
             logger.warning("no checkpoint in %s: starting from the beginning", self.directory)
@@ -58,4 +62,7 @@ class RunCheckpoints:
         owner = state["trainer"].get("run_id")
         if owner and owner != run_id:
             logger.warning("checkpoint step %d was written by run %s, not this run (%s)", step, owner, run_id)
-        return step, state
+        if self.resumed_from_step is None:  # the first load of this process: what --resume continued
+            self.resumed_from_step = step
+            self.elapsed_before_s = float(state["trainer"].get("elapsed_s", 0.0))
+        return state

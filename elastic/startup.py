@@ -58,3 +58,18 @@ def dataset_len_of(spec: JobSpec, ready: list, stopped: bool) -> int:
         raise TrainerError(f"dataset has {dataset_len} samples, smaller than one global batch of {biggest} "
                            f"at workers.max={spec.workers.max}")
     return dataset_len
+
+
+def wait_after_all_lost(spec: JobSpec, group: Any, target_workers: int) -> list:
+    """Every worker is gone: start the target's worth again (at least ``workers.min``) and wait up to
+    ``failure.wait_for_workers_s`` (plus a start-up) for one of them."""
+    wait_s = spec.failure.wait_for_workers_s
+    logger.error("lost every worker; waiting up to %.0f s for capacity", wait_s)
+    need = max(target_workers, spec.workers.min)
+    if len(group.pending) < need:
+        group.spawn(need - len(group.pending))
+    ready = group.wait_ready(1, wait_s + STARTUP_TIMEOUT_S)
+    if not ready:
+        raise TrainerError(f"lost every worker and none came back within {wait_s:.0f} s; "
+                           f"resume later with --resume from {spec.checkpoint.dir}")
+    return ready

@@ -144,3 +144,10 @@ def missed_schedule_steps(spec: JobSpec, resizes: Sequence[Any], progress: float
         missed.append({"step": number, "at_progress": step.at_progress, "at_time_s": step.at_time_s,
                        "workers": wanted, "reason": reason})
     return missed
+
+
+def log_missed_schedule_steps(missed: list[dict[str, Any]]) -> None:
+    for step in missed:
+        logger.warning("schedule step %d (%d workers at %s) never happened: %s", step["step"], step["workers"],
+                       f"tau {step['at_progress']:g}" if step["at_progress"] is not None else f"{step['at_time_s']:g} s",
+                       step["reason"])

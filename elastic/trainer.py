@@ -20,7 +20,6 @@ import contextlib
 import logging
 import threading
 import time
-from dataclasses import replace
 from pathlib import Path
 from typing import Any, Callable, ContextManager
 
@@ -38,10 +37,11 @@ from elastic.resizes import ResizeEvent, ResizeLog
 from elastic.run_checkpoints import RunCheckpoints
 from elastic.run_metrics import start_run_metrics
 from elastic.run_progress import RunProgress
+from elastic.run_scope import held_run_dir
 from elastic.sampler import ElasticSampler
-from elastic.startup import STARTUP_TIMEOUT_S, dataset_len_of, startable_workers, wait_ready_or_stop
+from elastic.startup import dataset_len_of, startable_workers, wait_after_all_lost, wait_ready_or_stop
 from elastic.summary import RunSummary
-from elastic.targets import WorkerTarget, missed_schedule_steps
+from elastic.targets import WorkerTarget, log_missed_schedule_steps, missed_schedule_steps
 from elastic.trainer_state import Phase, TrainerStateMachine
 
 # Also importable from here, where they were defined before the split (benchmarks import them).
@@ -85,8 +85,6 @@ class ElasticTrainer:
         self.start_over = start_over  # move an earlier run's directory aside instead of refusing it
         self.run_id = ""
         self._stop_signal: int | None = None
-        self._resumed_from_step: int | None = None
-        self._elapsed_before_s = 0.0  # training time of earlier attempts (from the checkpoint)
         self.run_dir = Path(spec.run_dir)
         self.on_step = on_step
         self.progress_view: ProgressView = progress if progress is not None else (
@@ -117,56 +115,32 @@ class ElasticTrainer:
     def run(self) -> RunSummary:
         """Raises RunDirError (directory locked, or another run's), RunFinished (``resume`` of a
         finished run: nothing started), or what training raised."""
-        from elastic.rundir import open_run
-
+        if self.backend is None:
+            raise TrainerError("no cluster backend given: build the trainer with elastic_app.wiring.make_trainer(spec)")
         mode = "resume" if self.resume else "start_over" if self.start_over else "fresh"
-        try:
-            run_lock, record, notes = open_run(self.run_dir, self.spec.checkpoint.dir, self.spec.name,
-                                               self.spec.total_progress, mode)
-        except OSError as exc:
-            raise TrainerError(f"run_dir: cannot write to {self.run_dir}: {exc.strerror or exc}") from None
-        try:
-            if self.backend is None:
-                raise TrainerError("no cluster backend given: build the trainer with elastic_app.wiring.make_trainer(spec)")
-            self.run_id = record.run_id
-            with self._run_log(self.run_dir, self.run_id):
-                return self._run_logged(record, notes)
-        finally:
-            run_lock.release()
-
-    def _run_logged(self, record, notes: list[str]) -> RunSummary:
-        for note in notes:
-            logger.warning("%s", note)
-        self.checkpoints = RunCheckpoints(self.spec, self.state)
-        summary: RunSummary | None = None
-        try:
-            run_metrics = start_run_metrics(self.spec, self.run_dir, self._registry, self.run_id, self.resume)
-            self.metrics, self.controller_metrics = run_metrics.trainer, run_metrics.controller
-            self._exporter = run_metrics.exporter
-            # SIGINT / SIGTERM stop at the next step boundary from here on (a second one aborts);
-            # the local backend keeps these handlers when Ray installs its own while starting nodes.
-            with first_interrupt_stops(self._stop, self._on_stop_signal):
-                self.backend.start(self.spec.workers.initial)
-                summary = train_beside_backend(self.backend, self._train)
-        finally:
+        with held_run_dir(self.spec, mode, self._run_log, self._run_json_fields) as held:
+            self.run_id = held.run_id
+            self.checkpoints = RunCheckpoints(self.spec, self.state)
             try:
-                self._shutdown()
+                run_metrics = start_run_metrics(self.spec, self.run_dir, self._registry, self.run_id, self.resume)
+                self.metrics, self.controller_metrics = run_metrics.trainer, run_metrics.controller
+                self._exporter = run_metrics.exporter
+                # SIGINT / SIGTERM stop at the next step boundary from here on (a second one aborts);
+                # the local backend keeps these handlers when Ray installs its own while starting nodes.
+                with first_interrupt_stops(self._stop, self._on_stop_signal):
+                    self.backend.start(self.spec.workers.initial)
+                    held.summary = train_beside_backend(self.backend, self._train)
             finally:
-                self._record_run_end(record, summary)
-        return summary
+                self._shutdown()
+        return held.summary
 
     def _on_stop_signal(self, signum: int) -> None:
         if self._stop_signal is None:
             self._stop_signal = signum
 
-    def _record_run_end(self, record, summary: RunSummary | None) -> None:
-        """``run.json`` says how the run ended, for ``--resume`` and for whoever finds the directory."""
-        status = "failed" if summary is None else "stopped" if summary.stopped_early else "finished"
-        try:
-            replace(record, status=status, progress=self._run.progress, checkpoint_step=self.checkpoints.latest_step(),
-                    steps=self._run.steps, elapsed_s=self._elapsed_before_s + self.elapsed_s).write(self.run_dir)
-        except OSError as exc:
-            logger.warning("could not update %s/run.json: %s", self.run_dir, exc)
+    def _run_json_fields(self) -> dict[str, Any]:
+        return {"progress": self._run.progress, "checkpoint_step": self.checkpoints.latest_step(),
+                "steps": self._run.steps, "elapsed_s": self.checkpoints.elapsed_before_s + self.elapsed_s}
 
     def request_stop(self) -> None:
         """Finish the current step, evaluate, checkpoint and return a summary (``stopped_early``)."""
@@ -383,10 +357,7 @@ class ElasticTrainer:
         if self.group.size > 0:
             self._checkpoint()
         self.state.enter(Phase.DONE, f"{self._run.steps} steps, tau {tau:.1f}")
-        for missed in self.missed_schedule_steps():
-            logger.warning("schedule step %d (%d workers at %s) never happened: %s", missed["step"],
-                           missed["workers"], f"tau {missed['at_progress']:g}" if missed["at_progress"] is not None
-                           else f"{missed['at_time_s']:g} s", missed["reason"])
+        log_missed_schedule_steps(self.missed_schedule_steps())
         return evaluation
 
     def _startable_workers(self) -> int:
@@ -421,15 +392,7 @@ class ElasticTrainer:
 
     def _recover_all_lost(self) -> None:
         """Every worker is gone: wait for capacity, then resume from the newest checkpoint."""
-        wait_s = self.spec.failure.wait_for_workers_s
-        logger.error("lost every worker; waiting up to %.0f s for capacity", wait_s)
-        need = max(self._target.workers, self.spec.workers.min)
-        if len(self.group.pending) < need:
-            self.group.spawn(need - len(self.group.pending))
-        ready = self.group.wait_ready(1, wait_s + STARTUP_TIMEOUT_S)
-        if not ready:
-            raise TrainerError(f"lost every worker and none came back within {wait_s:.0f} s; "
-                               f"resume later with --resume from {self.spec.checkpoint.dir}")
+        ready = wait_after_all_lost(self.spec, self.group, self._target.workers)
         restored = self._load_checkpoint()
         lost_steps = self._run.steps - (restored["trainer"]["steps"] if restored else 0)
         if restored is not None:
@@ -454,25 +417,14 @@ class ElasticTrainer:
         self._show_progress(world)
 
     def _record_failure(self, outcome, world: int) -> None:
-        """Counts the failure now; its resize is recorded when training resumes at the new size
-        (``ResizeLog.failure_resumed``), so that its pause runs from the fault to that moment."""
         if self._stop_signal is not None:
             # Whoever signalled the driver may be tearing the workers down too (a pod's SIGTERM, a
             # terminal's Ctrl-C reaches the whole process group): not a failure of the job.
             logger.info("lost %s while stopping", ", ".join(outcome.lost_workers))
             return
-        lost = len(outcome.lost_workers)
-        self._run.failures += lost
-        self.metrics.record_failure(lost)
-        fault = outcome.fault
-        logger.warning("worker failure: lost %s; step %s; %s", ", ".join(outcome.lost_workers),
-                       "kept" if outcome.completed else "redone",
-                       f"re-formed with {self.group.size} worker(s): detected {fault.detection_s:.3f} s after the "
-                       f"fault's first sign, re-formed {fault.reformed_s - fault.detected_s:.3f} s after detection"
-                       if fault is not None and fault.reformed_s else "no survivor")
-        if fault is not None and self.group.size > 0:
-            self._resizes.failed(fault, world, self.group.size)
-            self._target.decided_at(fault.evidence_s)  # the fault is the decision behind the regrow that follows
+        self._run.failures += self._resizes.workers_lost(outcome, world, self.group.size, self.metrics)
+        if outcome.fault is not None and self.group.size > 0:
+            self._target.decided_at(outcome.fault.evidence_s)  # the fault is the decision behind the regrow
 
     # ---------------------------------------------------------------- checkpoints (elastic.run_checkpoints)
     def _checkpoint(self) -> None:
@@ -481,20 +433,13 @@ class ElasticTrainer:
     def state_dict(self) -> dict[str, Any]:
         """The trainer's own counters, as a checkpoint keeps them (the sampler and workers have theirs)."""
         return {**self._run.state_dict(), "workers": self.current_workers(), "resizes": len(self._resizes.events),
-                "run_id": self.run_id, "elapsed_s": self._elapsed_before_s + self.elapsed_s}
+                "run_id": self.run_id, "elapsed_s": self.checkpoints.elapsed_before_s + self.elapsed_s}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self._run.load_state_dict(state)
 
     def _load_checkpoint(self) -> dict[str, Any] | None:
-        loaded = self.checkpoints.load_latest(self.run_id)
-        if loaded is None:
-            return None
-        step, state = loaded
-        if self._resumed_from_step is None:  # the first load of this process: what --resume continued
-            self._resumed_from_step = step
-            self._elapsed_before_s = float(state["trainer"].get("elapsed_s", 0.0))
-        return state
+        return self.checkpoints.load_latest(self.run_id)
 
     def _restore(self, state: dict[str, Any]) -> None:
         self.sampler.load_state_dict(state["sampler"])
@@ -524,6 +469,6 @@ class ElasticTrainer:
             stopped_early=run.progress < self.spec.total_progress,
             extra={"abandoned_steps": run.abandoned_steps, "missed_schedule_steps": self.missed_schedule_steps(),
                    "evaluations": list(self._evaluations.history), "loader_workers": self._loader_workers},
-            run_id=self.run_id, stop_signal=self._stop_signal, resumed_from_step=self._resumed_from_step,
-            total_elapsed_s=self._elapsed_before_s + self.elapsed_s,
+            run_id=self.run_id, stop_signal=self._stop_signal, resumed_from_step=self.checkpoints.resumed_from_step,
+            total_elapsed_s=self.checkpoints.elapsed_before_s + self.elapsed_s,
         )
