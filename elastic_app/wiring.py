@@ -13,7 +13,10 @@ from controller.backends import make_backend
 from controller.loop import ReconcileLoop
 from controller.policy import JobSnapshot, policy_for
 from elastic.config import JobSpec
+from elastic.progress import NoProgress
 from elastic.trainer import ElasticTrainer
+from elastic_app.progress import LiveProgress
+from elastic_app.run_log import train_log
 
 
 def job_snapshot(trainer: ElasticTrainer) -> JobSnapshot:
@@ -58,8 +61,12 @@ def operator_link_starter(client: Any):
     return start
 
 
-def make_trainer(spec: JobSpec, operator_client: Any = None, **options: Any) -> ElasticTrainer:
-    """An ElasticTrainer with the spec's cluster backend and its controller; ``options`` are the
-    trainer's own (resume, start_over, registry, ledger, on_step, show_progress)."""
+def make_trainer(spec: JobSpec, operator_client: Any = None, show_progress: bool = True,
+                 **options: Any) -> ElasticTrainer:
+    """An ElasticTrainer with the spec's cluster backend and its controller, ``train.log`` in the run
+    directory, and (``show_progress``) a live progress line on a terminal, else a log line every few
+    seconds; ``options`` are the trainer's own (resume, start_over, registry, ledger, on_step)."""
     start = operator_link_starter(operator_client) if operator_client is not None else start_reconcile_loop
-    return ElasticTrainer(spec, backend=make_backend(spec), start_controller=start, **options)
+    progress = LiveProgress(spec.total_progress) if show_progress else NoProgress()
+    return ElasticTrainer(spec, backend=make_backend(spec), start_controller=start, progress=progress,
+                          run_log=train_log, **options)

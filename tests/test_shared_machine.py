@@ -13,7 +13,9 @@ from prometheus_client import CollectorRegistry
 from controller.actuators.local import preserved_file
 from elastic.config import MetricsConfig, parse_job_spec
 from elastic.metrics import MetricsError
-from elastic.trainer import ElasticTrainer, _ProgressDisplay, _start_exporter_or_free_port
+from elastic.progress import SampleRate
+from elastic.run_metrics import start_exporter_or_free_port
+from elastic.trainer import ElasticTrainer
 from elastic_app.wiring import make_trainer
 
 
@@ -33,14 +35,14 @@ def test_the_default_metrics_port_falls_back_to_a_free_one():
     default = MetricsConfig()
     holder = _occupy(default.port)
     try:
-        exporter = _start_exporter_or_free_port(CollectorRegistry(), default)
+        exporter = start_exporter_or_free_port(CollectorRegistry(), default)
         try:
             assert exporter.port not in (0, default.port)
             assert exporter.url.endswith(f":{exporter.port}/metrics") or f":{exporter.port}" in exporter.url
         finally:
             exporter.close()
         with pytest.raises(MetricsError, match="already in use"):  # a port the user chose is not replaced
-            _start_exporter_or_free_port(CollectorRegistry(), MetricsConfig(port=default.port))
+            start_exporter_or_free_port(CollectorRegistry(), MetricsConfig(port=default.port))
     finally:
         if holder is not None:
             holder.close()
@@ -75,14 +77,12 @@ def test_auto_finds_only_a_recorded_cluster(tmp_path):
 
 def test_samples_per_second_is_recent_not_since_start():
     """After a resume the restored sample count made the rate 147,191 samples/s."""
-    spec = parse_job_spec({"name": "rate", "task": "examples.digits:DigitsTask", "batch_size_per_worker": 8,
-                           "total_progress": 10, "optimizer": {"name": "sgd", "lr": 0.1}, "run_dir": "/tmp/unused"})
-    display = _ProgressDisplay(spec, enabled=False)
-    assert display.recent_rate(1000.0, 5_000_000) is None  # resumed at 5M samples: no rate yet
-    assert display.recent_rate(1001.0, 5_000_100) == pytest.approx(100.0)
+    rate = SampleRate()
+    assert rate.recent(1000.0, 5_000_000) is None  # resumed at 5M samples: no rate yet
+    assert rate.recent(1001.0, 5_000_100) == pytest.approx(100.0)
     for t in range(2, 40):  # slows to 10 samples/s: the window follows within RATE_WINDOW_S
-        display.recent_rate(1000.0 + t, 5_000_100 + 10 * (t - 1))
-    assert display.recent_rate(1040.0, 5_000_100 + 10 * 39) == pytest.approx(10.0, rel=0.01)
+        rate.recent(1000.0 + t, 5_000_100 + 10 * (t - 1))
+    assert rate.recent(1040.0, 5_000_100 + 10 * 39) == pytest.approx(10.0, rel=0.01)
 
 
 class _Actuator:
@@ -159,14 +159,14 @@ def test_the_startup_wait_says_why_and_hears_a_stop(tmp_path, caplog, monkeypatc
     import threading
     import time
 
-    import elastic.trainer as trainer_module
+    import elastic.startup as startup
 
-    monkeypatch.setattr(trainer_module, "STARTUP_NOTICE_S", 0.05)
+    monkeypatch.setattr(startup, "STARTUP_NOTICE_S", 0.05)
     trainer = _trainer(tmp_path, capacity=5)
     trainer.group = _SlowGroup()
     threading.Timer(0.3, trainer.request_stop).start()
     started = time.monotonic()
     with caplog.at_level("WARNING"):
-        assert trainer._wait_ready_or_stop(2) == []
+        assert startup.wait_ready_or_stop(trainer.group, 2, trainer._stop) == []
     assert time.monotonic() - started < 5
     assert caplog.text.count("2 of 2 worker(s) not started after") == 1

@@ -17,7 +17,7 @@ import pytest
 import yaml
 
 from elastic_app.cli import exit_code_for_signal
-from elastic.trainer import _first_interrupt_stops
+from elastic.main_thread import first_interrupt_stops
 
 ROOT = Path(__file__).resolve().parents[1]
 #: What the README promises: from SIGTERM to the driver's exit, on the digits example here.
@@ -38,7 +38,7 @@ def test_sigterm_and_ignored_sigint_both_stop(monkeypatch):
     try:
         for signum in (signal.SIGTERM, signal.SIGINT):
             stop, seen = threading.Event(), []
-            with _first_interrupt_stops(stop, seen.append):
+            with first_interrupt_stops(stop, seen.append):
                 os.kill(os.getpid(), signum)
                 time.sleep(0.05)
                 assert stop.is_set() and seen == [signum]

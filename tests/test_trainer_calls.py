@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
-import collections
-
 import pytest
 
+from elastic.call_plan import StepTimes
 from elastic.config import parse_job_spec
 from elastic.trainer import CALL_TARGET_S, MAX_AUTO_STEPS_PER_CALL, ElasticTrainer
 from elastic_app.wiring import make_trainer
@@ -22,7 +21,9 @@ def trainer(tmp_path, steps_per_call="auto", every_steps=1000, total=30000.0, ac
 
 
 def timed(t: ElasticTrainer, world: int, step_s: float, count: int = 5) -> None:
-    t._step_times[world] = collections.deque([step_s] * count, maxlen=50)
+    t._run._step_times = StepTimes()
+    for _ in range(count):
+        t._run._step_times.record(world, step_s)
 
 
 def test_auto_starts_with_one_step_then_fills_the_call_target(tmp_path):
@@ -40,21 +41,21 @@ def test_auto_starts_with_one_step_then_fills_the_call_target(tmp_path):
 def test_fixed_setting_and_bounds(tmp_path):
     t = trainer(tmp_path, steps_per_call=16, every_steps=50, total=3000.0)
     assert t._steps_per_call(2) == 16
-    t._steps = 45
+    t._run.steps = 45
     assert t._steps_per_call(2) == 5  # the call ends on the checkpoint step
-    t._steps = 50
+    t._run.steps = 50
     assert t._steps_per_call(2) == 16
     # tau cannot pass the total: a step adds at most S = world * accumulation_steps
-    t._last = {"progress": 3000.0 - 20.0}
+    t._run.progress = 3000.0 - 20.0
     assert t._steps_per_call(2) == 10
     assert t._steps_per_call(4) == 5
-    t._last = {"progress": 3000.0 - 3.0}
+    t._run.progress = 3000.0 - 3.0
     assert t._steps_per_call(4) == 1  # never zero
 
 
 def test_accumulation_counts_in_the_tau_bound(tmp_path):
     t = trainer(tmp_path, steps_per_call=64, accumulation=4, total=3000.0)
-    t._last = {"progress": 3000.0 - 64.0}
+    t._run.progress = 3000.0 - 64.0
     assert t._steps_per_call(2) == 8
 
 
@@ -74,11 +75,11 @@ def test_first_ctrl_c_asks_for_a_stop_and_the_second_interrupts():
     import threading
     import time
 
-    from elastic.trainer import _first_interrupt_stops
+    from elastic.main_thread import first_interrupt_stops
 
     stop = threading.Event()
     before = signal.getsignal(signal.SIGINT)
-    with _first_interrupt_stops(stop):
+    with first_interrupt_stops(stop):
         os.kill(os.getpid(), signal.SIGINT)
         time.sleep(0.05)
         assert stop.is_set()
