@@ -21,6 +21,7 @@ the same sample, across resizes and restarts; nothing of the loader's random sta
 from __future__ import annotations
 
 import collections
+import functools
 import os
 import random
 import zlib
@@ -61,9 +62,25 @@ def derive_seed(*parts: int | str) -> int:
     return int(np.random.SeedSequence(words).generate_state(1, dtype=np.uint64)[0] >> np.uint64(1))
 
 
+_MASK64 = 2**64 - 1
+
+
+@functools.lru_cache(maxsize=64)
+def _epoch_seed(seed: int, epoch: int) -> int:
+    return derive_seed(seed, "sample", epoch)
+
+
 def sample_seed(seed: int, epoch: int, index: int) -> int:
-    """The seed under which sample ``index`` of epoch ``epoch`` is loaded (and augmented)."""
-    return derive_seed(seed, "sample", epoch, index)
+    """The seed under which sample ``index`` of epoch ``epoch`` is loaded (and augmented).
+
+    It is called once per sample in the loader processes, so it is cheaper than :func:`derive_seed`
+    (~1 us against ~12 us): the epoch's seed comes from :func:`derive_seed` once, and the index is
+    mixed in by the SplitMix64 finaliser (a well-mixed 64-bit bijection, of which the top 63 bits
+    are kept, as :func:`derive_seed` keeps them)."""
+    z = (_epoch_seed(seed, epoch) + (index + 1) * 0x9E3779B97F4A7C15) & _MASK64
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & _MASK64
+    return (z ^ (z >> 31)) >> 1
 
 
 def seed_everything(seed: int) -> None:
