@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from elastic.errors import TrainerError
-from elastic.reports import StepReport
+from elastic.step_report import StepReport
 
 
 class SampleLedger:

@@ -10,7 +10,7 @@ import logging
 import time
 from typing import Protocol
 
-from elastic.reports import StepReport
+from elastic.step_report import StepReport
 
 logger = logging.getLogger("elastic")
 

@@ -10,7 +10,7 @@ import threading
 from typing import Any, Mapping
 
 from elastic.call_plan import StepTimes
-from elastic.reports import StepReport
+from elastic.step_report import StepReport
 
 logger = logging.getLogger("elastic")
 

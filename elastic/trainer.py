@@ -8,7 +8,7 @@ only moves the target; the training thread alone touches the group.
 Its collaborators, one concept each: ``elastic.startup`` (the first workers), ``elastic.targets``
 (the target and its triggers), ``elastic.group_sizing`` (grow / shrink at a boundary),
 ``elastic.call_plan`` (steps per call), ``elastic.run_progress`` (tau, counters and the newest
-``elastic.reports.StepReport``), ``elastic.ledger`` (which samples a step trained on),
+``elastic.step_report.StepReport``), ``elastic.ledger`` (which samples a step trained on),
 ``elastic.resizes``, ``elastic.evaluations``, ``elastic.run_checkpoints``, ``elastic.run_metrics``,
 ``elastic.progress`` (what shows the run's progress), ``elastic.main_thread`` (signals, serving the
 backend) and ``elastic.summary``.
@@ -32,7 +32,7 @@ from elastic.ledger import SampleLedger, verify_loaded_samples
 from elastic.main_thread import first_interrupt_stops, train_beside_backend
 from elastic.metrics import NullTrainerMetrics
 from elastic.progress import LoggedProgress, NoProgress, ProgressView
-from elastic.reports import StepReport
+from elastic.step_report import StepReport
 from elastic.resizes import ResizeEvent, ResizeLog
 from elastic.run_checkpoints import RunCheckpoints
 from elastic.run_metrics import start_run_metrics

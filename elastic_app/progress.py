@@ -6,7 +6,7 @@ from __future__ import annotations
 from typing import Any
 
 from elastic.progress import LoggedProgress
-from elastic.reports import StepReport
+from elastic.step_report import StepReport
 
 
 class LiveProgress:
