@@ -9,7 +9,7 @@ import os
 import time
 from typing import Any
 
-from benchmarks.spawned_ranks import SpawnedRanks
+from benchmarks.spawned_ranks import SpawnedRanks, serve_commands
 
 
 def _ddp_rank(rank: int, world: int, port: int, job: Any, commands: Any, results: Any) -> None:
@@ -37,27 +37,25 @@ def _ddp_rank(rank: int, world: int, port: int, job: Any, commands: Any, results
     opt.attach_ddp(ddp)  # as the group's workers do: AdaScale's statistics ride on DDP's all-reduce
     sampler = ElasticSampler(len(dataset), job.seed)
     batch = job.batch_size_per_worker
-    results.put(("ready", rank))
+
+    def run(steps: int) -> tuple[str, list[float], float]:
+        times, loss = [], float("nan")
+        for _ in range(steps):
+            started = time.perf_counter()
+            plan = sampler.plan(world * batch, world, 1)
+            indices = plan.shard(rank)[0]
+            data = default_collate([dataset[j] for j in indices])
+            out = task.loss(ddp, data)
+            out.backward()
+            opt.step()
+            opt.zero_grad()
+            loss = float(out.detach())
+            sampler.commit(plan)
+            times.append(time.perf_counter() - started)
+        return "times", times, loss
+
     try:
-        while True:
-            command = commands.get()
-            if command[0] == "stop":
-                break
-            times, loss = [], float("nan")
-            for _ in range(command[1]):
-                started = time.perf_counter()
-                plan = sampler.plan(world * batch, world, 1)
-                indices = plan.shard(rank)[0]
-                data = default_collate([dataset[j] for j in indices])
-                out = task.loss(ddp, data)
-                out.backward()
-                opt.step()
-                opt.zero_grad()
-                loss = float(out.detach())
-                sampler.commit(plan)
-                times.append(time.perf_counter() - started)
-            if rank == 0:
-                results.put(("times", times, loss))
+        serve_commands(rank, commands, results, run)
     finally:
         ddp = opt = model = None  # noqa: F841 (gone before the group: see destroy_process_group)
         destroy_process_group()

@@ -22,7 +22,7 @@ import torch
 
 from benchmarks.decode_heavy import BATCH, LOADER, DecodeHeavyTask, job_spec
 from benchmarks.ray_common import BenchmarkError
-from benchmarks.spawned_ranks import SpawnedRanks
+from benchmarks.spawned_ranks import SpawnedRanks, serve_commands
 
 READY_TIMEOUT_S = 300.0
 
@@ -67,20 +67,18 @@ def _plain_rank(rank: int, world: int, port: int, retain_heap: bool, commands: A
             epoch += 1
 
     stream = batches()
-    results.put(("ready", rank))
+
+    def run(steps: int) -> tuple[str, float]:
+        started = time.perf_counter()
+        for _ in range(steps):
+            loss = task.loss(net, next(stream))
+            loss.backward()
+            opt.step()
+            opt.zero_grad()
+        return "block", time.perf_counter() - started
+
     try:
-        while True:
-            command = commands.get()
-            if command[0] == "stop":
-                break
-            started = time.perf_counter()
-            for _ in range(command[1]):
-                loss = task.loss(net, next(stream))
-                loss.backward()
-                opt.step()
-                opt.zero_grad()
-            if rank == 0:
-                results.put(("block", time.perf_counter() - started))
+        serve_commands(rank, commands, results, run)
     finally:
         net = opt = model = None  # noqa: F841
         if world > 1:

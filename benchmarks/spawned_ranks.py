@@ -56,6 +56,19 @@ class SpawnedRanks:
                 p.kill()
 
 
+def serve_commands(rank: int, commands: Any, results: Any, run: Callable[[int], Any]) -> None:
+    """A rank's side: say it is ready, then run each ``("run", n)`` block with ``run(n)`` until
+    ``("stop",)``; rank 0 sends what ``run`` returns."""
+    results.put(("ready", rank))
+    while True:
+        command = commands.get()
+        if command[0] == "stop":
+            return
+        answer = run(command[1])
+        if rank == 0:
+            results.put(answer)
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
