@@ -55,6 +55,8 @@ class ThroughputResult:
     """Median over timed steps of the slowest rank's time in ``train_step`` (wait included)."""
     retained_samples_s: list[float] = field(default_factory=list)
     """The plain loop with the elastic workers' malloc options (the control); empty if not run."""
+    plain_data_wait_ms: float = float("nan")
+    """Median over timed blocks of the plain loop's (rank 0's) mean wait for its next batch per step."""
 
     @property
     def pairs(self) -> list[float]:
@@ -101,7 +103,8 @@ def measure(worlds: Sequence[int], blocks: int, block_steps: int, log: Callable[
                     world, blocks, block_steps, elastic.steps_per_call, rates["plain"], rates["elastic"],
                     elastic_data_wait_ms=1e3 * statistics.median(elastic.data_wait_s[timed_from:]),
                     elastic_step_ms=1e3 * statistics.median(elastic.compute_s[timed_from:]),
-                    retained_samples_s=rates["retained"]))
+                    retained_samples_s=rates["retained"],
+                    plain_data_wait_ms=1e3 * statistics.median(arms["plain"].data_wait_s[1:])))
             finally:
                 for arm in arms.values():
                     arm.close()
@@ -121,7 +124,7 @@ class _nullcontext:
 
 HEADERS = ["workers", "plain loop (samples/s, median)", "elastic (samples/s, median)", "ratio of medians",
            "ratio, median of block pairs [min, max]", "target", "elastic: step in the actor / of it waiting for data (ms)",
-           "control: elastic / plain with retained heap [min, max]"]
+           "plain: waiting for data (ms)", "control: elastic / plain with retained heap [min, max]"]
 
 
 def _spread(values: Sequence[float]) -> str:
@@ -137,7 +140,7 @@ def report(results: Sequence[ThroughputResult], components: tuple[float, float],
         rows.append([f"{r.world} vs {'plain DDP, ' if r.world > 1 else ''}{r.world} process{'es' if r.world > 1 else ''}",
                      f"{plain:.0f}", f"{elastic:.0f}", f"{elastic / plain:.3f}", _spread(r.pairs),
                      f">= {TARGET_RATIO}: {verdict}", f"{r.elastic_step_ms:.1f} / {r.elastic_data_wait_ms:.1f}",
-                     _spread(r.control_pairs)])
+                     f"{r.plain_data_wait_ms:.1f}", _spread(r.control_pairs)])
     load_ms, step_ms = components
     return "\n".join([
         "# Input pipeline: elastic workers vs a plain PyTorch loop, same DataLoader settings",

@@ -68,14 +68,18 @@ def _plain_rank(rank: int, world: int, port: int, retain_heap: bool, commands: A
 
     stream = batches()
 
-    def run(steps: int) -> tuple[str, float]:
+    def run(steps: int) -> tuple[str, float, float]:
         started = time.perf_counter()
+        waited = 0.0
         for _ in range(steps):
-            loss = task.loss(net, next(stream))
+            before = time.perf_counter()
+            batch = next(stream)
+            waited += time.perf_counter() - before
+            loss = task.loss(net, batch)
             loss.backward()
             opt.step()
             opt.zero_grad()
-        return "block", time.perf_counter() - started
+        return "block", time.perf_counter() - started, waited / steps
 
     try:
         serve_commands(rank, commands, results, run)
@@ -90,10 +94,14 @@ class PlainLoop:
 
     def __init__(self, world: int, retain_heap: bool = False) -> None:
         self.ranks = SpawnedRanks(_plain_rank, world, (retain_heap,), "plain-loop", READY_TIMEOUT_S)
+        self.data_wait_s: list[float] = []
+        """Per block: rank 0's mean wait for its next batch per step."""
 
     def run(self, steps: int) -> float:
         """Seconds for ``steps`` steps (rank 0's clock)."""
-        return float(self.ranks.command("run", steps)[1])
+        _, seconds, data_wait_s = self.ranks.command("run", steps)
+        self.data_wait_s.append(data_wait_s)
+        return float(seconds)
 
     def close(self) -> None:
         self.ranks.close()
