@@ -33,7 +33,7 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from benchmarks.common import markdown_table
-from benchmarks.decode_heavy import BATCH, LOADER, DecodeHeavyTask, job_spec  # noqa: F401 (the job, re-exported)
+from benchmarks.decode_heavy import BATCH, LOADER
 from benchmarks.input_pipeline_arms import ElasticArm, PlainLoop, component_ms, in_process_pairs
 from benchmarks.ray_common import RESULTS_DIR, BenchmarkError, local_cluster, machine_load, write_result
 

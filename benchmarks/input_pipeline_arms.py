@@ -35,7 +35,9 @@ def _plain_rank(rank: int, world: int, port: int, retain_heap: bool, commands: A
     if retain_heap:
         from elastic.allocator import retain_freed_memory
 
-        retain_freed_memory()
+        not_set = retain_freed_memory()
+        if not_set is not None:
+            raise RuntimeError(f"the control arm's malloc options were not set: {not_set}")
     import torch.distributed as dist
     from torch.utils.data import DataLoader, DistributedSampler
 

@@ -19,7 +19,7 @@ TIMED_STEPS_KEPT = 50
 
 
 class StepTimes:
-    """Recent step seconds by world size. Not locked: the trainer reads and writes it under its lock."""
+    """Recent step seconds by world size. Not locked: ``RunProgress`` reads and writes it under its own lock."""
 
     def __init__(self) -> None:
         self._by_workers: dict[int, collections.deque[float]] = {}

@@ -92,8 +92,8 @@ class CallWatch:
 
     def wait(self) -> None:
         while self._pending:
-            quiet_s = self.heartbeat_after_s - (time.time() - self.started_s)
-            timeout_s = quiet_s if self.fault is None and not self._pings and quiet_s > POLL_S else POLL_S
+            timeout_s = wait_timeout_s(self.heartbeat_after_s, time.time() - self.started_s,
+                                       busy=self.fault is not None or bool(self._pings))
             ready, _ = ray.wait(list(self._pending) + list(self._pings), num_returns=1, timeout=timeout_s)
             if ready:  # take everything that is ready, not just the first
                 ready, _ = ray.wait(list(self._pending) + list(self._pings),
@@ -168,3 +168,10 @@ class CallWatch:
         self.fault = FaultTiming(kind, min(evidence_s, time.time()), time.time())
         for ref, rank in self._pending.items():
             self.members[rank].actor.abort_collectives.options(concurrency_group=CONTROL_GROUP).remote(self.generation)
+
+
+def wait_timeout_s(heartbeat_after_s: float, elapsed_s: float, busy: bool) -> float:
+    """How long the driver may sleep in ``ray.wait`` for a call ``elapsed_s`` old: until heartbeats
+    are due, or POLL_S once they are, or while a fault is known or a heartbeat is out (``busy``)."""
+    quiet_s = heartbeat_after_s - elapsed_s
+    return quiet_s if not busy and quiet_s > POLL_S else POLL_S

@@ -24,7 +24,7 @@ class ResizeEvent:
     pause_s: float
     """Seconds without training: for a planned resize, from the step boundary where the trainer
     acted on the decision to the first step at the new size; for a failure, from the fault's first
-    sign (see ``elastic.group.FaultTiming``) to the first step at the new size."""
+    sign (see ``elastic.call_watch.FaultTiming``) to the first step at the new size."""
     since_decision_s: float | None = None
     """Planned resizes: from the decision (the target set by the controller or by hand) to the first
     step at the new size; newcomers warm up while the old group trains, so this exceeds the pause."""

@@ -44,7 +44,7 @@ from elastic.summary import RunSummary
 from elastic.targets import WorkerTarget, log_missed_schedule_steps, missed_schedule_steps
 from elastic.trainer_state import Phase, TrainerStateMachine
 
-# Also importable from here, where they were defined before the split (benchmarks import them).
+# Also importable from here, where they were defined before the split.
 __all__ = ["CALL_TARGET_S", "MAX_AUTO_STEPS_PER_CALL", "ElasticTrainer", "ResizeEvent", "RunSummary", "StepReport",
            "TrainerError"]
 
@@ -139,8 +139,10 @@ class ElasticTrainer:
             self._stop_signal = signum
 
     def _run_json_fields(self) -> dict[str, Any]:
-        return {"progress": self._run.progress, "checkpoint_step": self.checkpoints.latest_step(),
-                "steps": self._run.steps, "elapsed_s": self.checkpoints.elapsed_before_s + self.elapsed_s}
+        checkpoints = getattr(self, "checkpoints", None)  # None when the run failed before making it
+        return {"progress": self._run.progress, "checkpoint_step": checkpoints.latest_step() if checkpoints else None,
+                "steps": self._run.steps,
+                "elapsed_s": (checkpoints.elapsed_before_s if checkpoints else 0.0) + self.elapsed_s}
 
     def request_stop(self) -> None:
         """Finish the current step, evaluate, checkpoint and return a summary (``stopped_early``)."""

@@ -26,12 +26,11 @@ from typing import Any, Mapping, Sequence
 import torch
 import torch.distributed as dist
 
+from elastic.allocator import retain_freed_memory
 from elastic.config import JobSpec, parse_job_spec
 from elastic.data import InputPipeline, LoaderSettings, derive_seed, keys_checksum, resolve_num_workers, seed_everything
-from elastic.allocator import retain_freed_memory
 from elastic.gloo_abort import GlooEndpoints, tcp_listeners
-from elastic.optimizer import build_adascale, build_optimizer
-from elastic.optimizer import build_adascale_and_scheduler
+from elastic.optimizer import build_adascale, build_adascale_and_scheduler, build_optimizer
 from elastic.precision import Precision
 from elastic.task import TaskError, WorkerContext, load_task, set_context
 
@@ -73,8 +72,10 @@ class ElasticWorker:
         self.worker_id = worker_id
         torch.set_num_threads(max(1, int(self.spec.cluster.num_cpus_per_worker)))
         _normal_priority()
-        if self.spec.cluster.retain_heap:
-            retain_freed_memory()  # before the DataLoader forks its workers, which inherit it
+        if self.spec.cluster.retain_heap:  # before the DataLoader forks its workers, which inherit it
+            not_set = retain_freed_memory()
+            if not_set is not None:
+                logger.info("cluster.retain_heap: the heap is left as it is (%s)", not_set)
         self.device = torch.device("cuda", 0) if self.spec.cluster.use_gpu and torch.cuda.is_available() else torch.device("cpu")
         self.rank = -1
         self.world_size = 0

@@ -7,7 +7,7 @@ import logging
 from pathlib import Path
 from typing import Iterator
 
-from elastic.trainer import TrainerError
+from elastic.errors import TrainerError
 
 
 @contextlib.contextmanager

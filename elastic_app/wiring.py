@@ -20,7 +20,7 @@ from elastic_app.run_log import train_log
 
 
 def job_snapshot(trainer: ElasticTrainer) -> JobSnapshot:
-    """The policy's view of a running trainer (one consistent read of its observation)."""
+    """The policy's view of a running trainer, from its observation (each part read under its own lock)."""
     seen = trainer.observation()
     spec = trainer.spec
     return JobSnapshot(

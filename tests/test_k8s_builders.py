@@ -142,3 +142,13 @@ def test_the_longest_allowed_name_fits_kuberays_limits():
     job = sample_job("j" * MAX_JOB_NAME)
     assert len(builders.build_raycluster(job, "sa")["metadata"]["name"]) <= MAX_RAYCLUSTER_NAME == 53
     assert len(builders.build_rayjob(job, MAX_DRIVER_RETRIES)["metadata"]["name"]) <= MAX_RAYJOB_NAME == 47
+
+
+def test_the_driver_job_keeps_the_users_worker_process_settings():
+    from controller.k8s.spec import job_config
+
+    spec = dict(SAMPLE["spec"])
+    spec["job"] = {**spec["job"], "cluster": {"num_cpus_per_worker": 2, "retain_heap": False, "backend": "local"}}
+    cluster = parse_job_spec(job_config("digits", NS, spec)).cluster
+    assert cluster.num_cpus_per_worker == 2 and cluster.retain_heap is False
+    assert cluster.backend == "kuberay"  # where the workers run is the operator's to say

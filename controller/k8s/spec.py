@@ -69,7 +69,7 @@ def job_config(name: str, namespace: str, spec: Mapping[str, Any]) -> dict[str, 
     user_cluster = config.get("cluster") if isinstance(config.get("cluster"), Mapping) else {}
     limits = (spec.get("workerResources") or {}).get("limits") or {}
     config["cluster"] = {
-        **{k: v for k, v in user_cluster.items() if k == "num_cpus_per_worker"},
+        **{k: v for k, v in user_cluster.items() if k in ("num_cpus_per_worker", "retain_heap")},
         "backend": "kuberay", "namespace": namespace, "raycluster": f"{name}{RAYCLUSTER_SUFFIX}",
         "group": WORKER_GROUP, "use_gpu": str(limits.get(GPU_RESOURCE, "0")) not in ("0", ""),
     }
