@@ -201,8 +201,8 @@ def in_process_pairs(blocks: int, block_steps: int) -> list[float]:
         started = time.perf_counter()
         for _ in range(0, block_steps, calls):
             plans = sampler.plan_many(BATCH, 1, 1, calls)
-            worker.train_steps([p.shard_keys(0) for p in plans],
-                               [p.shard_keys(0) for p in sampler.lookahead(plans[-1], worker.pipeline.settings.prefetch_batches)])
+            lookahead = sampler.lookahead(plans[-1], worker.pipeline.settings.prefetch_batches)
+            worker.train_steps([p.packed_shard(0) for p in plans], [p.packed_shard(0) for p in lookahead])
             for p in plans:
                 sampler.commit(p)
         return time.perf_counter() - started

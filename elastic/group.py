@@ -246,7 +246,7 @@ class WorkerGroup:
         """
         if not plans:
             return []
-        refs = [m.actor.train_steps.remote([p.shard_keys(rank) for p in plans], [p.shard_keys(rank) for p in lookahead])
+        refs = [m.actor.train_steps.remote([p.packed_shard(rank) for p in plans], [p.packed_shard(rank) for p in lookahead])
                 for rank, m in enumerate(self.members)]
         call = CallWatch(self.members, refs, len(plans), expected_step_s, self.generation)
         call.wait()

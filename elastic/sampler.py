@@ -28,11 +28,11 @@ epoch ``e + 1``, so every sample of every epoch is consumed exactly once and no 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Iterable, Sequence
 
 import numpy as np
 
-__all__ = ["ElasticSampler", "SamplerError", "StalePlanError", "StepPlan"]
+__all__ = ["ElasticSampler", "SamplerError", "StalePlanError", "StepPlan", "pack_keys", "unpack_keys"]
 
 
 class SamplerError(ValueError):
@@ -99,6 +99,26 @@ class StepPlan:
             keys.append([(self.epoch_before if first + j < boundary else self.epoch_before + 1, i)
                          for j, i in enumerate(indices)])
         return keys
+
+
+    def packed_shard(self, rank: int) -> list[list[int]]:
+        """:meth:`shard_keys`, each micro-batch packed by :func:`pack_keys`: the form the driver sends."""
+        return [pack_keys(keys) for keys in self.shard_keys(rank)]
+
+
+def pack_keys(keys: Iterable[Sequence[int]]) -> list[int]:
+    """A micro-batch's ``(epoch, index)`` keys as one flat list ``[epoch0, index0, epoch1, index1, ...]``.
+
+    Ray serialises a list of ints in one piece (13 us for 384 keys), where a list of tuples costs
+    one pickled object per key (400 us), on both sides of every call."""
+    return [int(x) for key in keys for x in key]
+
+
+def unpack_keys(flat: Sequence[int]) -> list[tuple[int, int]]:
+    """The ``(epoch, index)`` keys of a list made by :func:`pack_keys`."""
+    if len(flat) % 2:
+        raise SamplerError(f"packed sample keys come in (epoch, index) pairs: got {len(flat)} ints")
+    return list(zip(flat[::2], flat[1::2]))
 
 
 def _positive_int(name: str, value: Any) -> int:

@@ -32,6 +32,7 @@ from elastic.data import InputPipeline, LoaderSettings, derive_seed, keys_checks
 from elastic.gloo_abort import GlooEndpoints, tcp_listeners
 from elastic.optimizer import build_adascale, build_adascale_and_scheduler, build_optimizer
 from elastic.precision import Precision
+from elastic.sampler import unpack_keys
 from elastic.task import TaskError, WorkerContext, load_task, set_context
 
 __all__ = ["COLLECTIVE_TIMEOUT_S", "CONTROL_GROUP", "ElasticWorker", "build_adascale", "build_optimizer"]
@@ -283,15 +284,17 @@ class ElasticWorker:
             "compute_s": time.perf_counter() - started,
         }
 
-    def train_steps(self, steps: list[list[list[Sequence[int]]]],
-                    lookahead: list[list[list[Sequence[int]]]] = ()) -> list[dict[str, Any]]:
-        """Several optimizer steps in one call (each entry is one step's micro-batches), in order.
+    def train_steps(self, steps: list[list[list[int]]], lookahead: list[list[list[int]]] = ()) -> list[dict[str, Any]]:
+        """Several optimizer steps in one call (each entry is one step's micro-batches, each micro-batch
+        its sample keys packed by :func:`elastic.sampler.pack_keys`), in order.
 
         ``lookahead``: the micro-batches of the steps expected to follow this call; the input
         pipeline starts loading them now, and drops them if the next call wants others.
         Stops at the first step that fails, whose report ends the list: the reports before it
         are of completed steps, so the driver knows exactly how far this rank got."""
-        self.pipeline.submit([mb for step in list(steps) + list(lookahead) for mb in step])
+        steps = [[unpack_keys(mb) for mb in step] for step in steps]
+        self.pipeline.submit([mb for step in steps for mb in step]
+                             + [unpack_keys(mb) for step in lookahead for mb in step])
         reports = []
         for micro_batches in steps:
             reports.append(self.train_step(micro_batches))

@@ -138,7 +138,7 @@ def run_worker(spec, steps: int = 4) -> tuple[ElasticWorker, list[dict]]:
     sampler = ElasticSampler(len(worker.dataset), spec.seed)
     world, acc = 1, spec.accumulation_steps
     plans = sampler.plan_many(spec.global_batch_size(world), world, acc, steps)
-    reports = worker.train_steps([p.shard_keys(0) for p in plans])
+    reports = worker.train_steps([p.packed_shard(0) for p in plans])
     assert all(r["ok"] for r in reports), reports[-1].get("error")
     return worker, reports
 
@@ -214,7 +214,7 @@ def test_rank_step_draws_are_reproducible_and_differ_by_step():
         sampler = ElasticSampler(len(worker.dataset), spec.seed)
         draws = []
         for plan in sampler.plan_many(4, 1, 1, 3):
-            worker.train_steps([plan.shard_keys(0)])
+            worker.train_steps([plan.packed_shard(0)])
             draws.append(float(torch.rand(())))  # the state the step left behind
         return draws
 
@@ -254,7 +254,7 @@ def test_a_failing_sample_is_reported_in_one_line_with_its_message(num_workers):
                            "optimizer": {"name": "sgd", "lr": 0.1}, "data": {"num_workers": num_workers}})
     worker = ElasticWorker(spec, "w0")
     plan = ElasticSampler(64, 0).plan(64, 1, 1)
-    report = worker.train_steps([plan.shard_keys(0)])[0]
+    report = worker.train_steps([plan.packed_shard(0)])[0]
     assert not report["ok"] and not report["communication"]
     assert "ValueError: sample 5 is corrupt" in report["error"] and "\n" not in report["error"]
 

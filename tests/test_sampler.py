@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from elastic.sampler import ElasticSampler, SamplerError, StalePlanError, StepPlan
+from elastic.sampler import ElasticSampler, SamplerError, StalePlanError, StepPlan, pack_keys, unpack_keys
 
 
 def reference_stream(sampler: ElasticSampler, n_samples: int) -> list[int]:
@@ -360,6 +360,19 @@ def test_shard_keys_carry_each_sample_epoch_across_the_boundary():
     assert keys[2:] == [(1, int(i)) for i in sampler.permutation(1)[:4]]
     inside = ElasticSampler(10, seed=3).plan(4, 2, 2)
     assert {e for r in range(2) for mb in inside.shard_keys(r) for e, _ in mb} == {0}
+
+
+def test_packed_shards_carry_the_same_keys_as_plain_ints():
+    sampler = ElasticSampler(10, seed=3)
+    sampler.commit(sampler.plan(8, 2, 1))
+    plan = sampler.plan(6, 3, 1)  # spans epochs 0 and 1
+    for rank in range(3):
+        packed = plan.packed_shard(rank)
+        assert all(type(x) is int for mb in packed for x in mb)  # Ray sends it in one piece
+        assert [unpack_keys(mb) for mb in packed] == plan.shard_keys(rank)
+    assert pack_keys([(2, 7), (3, 1)]) == [2, 7, 3, 1]
+    with pytest.raises(SamplerError, match="pairs"):
+        unpack_keys([1, 2, 3])
 
 
 def test_lookahead_plans_follow_without_advancing():
