@@ -13,7 +13,8 @@ import pytest
 import torch
 
 from elastic.config import parse_job_spec
-from elastic.data import InputPipeline, LoaderSettings, derive_seed, keys_checksum, resolve_num_workers, sample_seed
+from elastic.data import (InputPipeline, LoaderSettings, SeededDataset, derive_seed, keys_checksum, resolve_num_workers,
+                          sample_seed, seed_everything)
 from elastic.sampler import ElasticSampler
 from elastic.task import TaskError
 from elastic.worker import ElasticWorker
@@ -90,6 +91,51 @@ def test_each_sample_draws_from_its_own_seed_whoever_loads_it():
     assert len(set(epoch0)) == 16
     assert all(in_process[(0, i)] != in_process[(1, i)] for i in range(16))
     assert draws_of(0, keys[:8], seed=8) != {k: in_process[k] for k in keys[:8]}
+
+
+class RareDrawDataset(torch.utils.data.Dataset):
+    """Draws from torch for every sample, from numpy only for sample 13 and from random only for 21."""
+
+    def __len__(self) -> int:
+        return 32
+
+    def __getitem__(self, i: int) -> torch.Tensor:
+        extra = float(np.random.rand()) if i == 13 else (random.random() if i == 21 else 0.0)
+        return torch.tensor([float(torch.rand(())), extra])
+
+
+def test_random_and_numpy_are_seeded_once_a_sample_draws_from_them():
+    keys = [(0, i) for i in range(32)]
+
+    def loaded(num_workers: int, order: list[tuple[int, int]]) -> dict[tuple[int, int], list[float]]:
+        pipe = InputPipeline(RareDrawDataset(), seed=3, settings=LoaderSettings(num_workers=num_workers))
+        chunks = [order[k:k + 4] for k in range(0, len(order), 4)]
+        pipe.submit(chunks)
+        out = {key: row.tolist() for chunk in chunks for key, row in zip(chunk, pipe.next_batch(chunk))}
+        pipe.close()
+        return out
+
+    # The draws of samples 13 and 21 are those of their own seeds, though the loader process only
+    # starts seeding numpy and random when it meets them (the batch is loaded again).
+    assert loaded(0, keys) == loaded(1, list(reversed(keys))) == loaded(2, keys)
+
+
+def test_a_loader_process_leaves_unused_generators_unseeded(monkeypatch):
+    monkeypatch.setattr("elastic.data.get_worker_info", lambda: object())  # as in a loader process
+    data = SeededDataset(IndexDataset(), seed=0)
+    random.seed(5)
+    np.random.seed(5)
+    expected = random.random(), float(np.random.rand())
+    random.seed(5)
+    np.random.seed(5)
+    data.__getitems__([(0, 1), (0, 2)])
+    assert (random.random(), float(np.random.rand())) == expected  # neither was seeded nor drawn from
+    rare = SeededDataset(RareDrawDataset(), seed=0)
+    first = rare.__getitems__([(0, 12), (0, 13)])
+    assert rare._seeds_numpy and not rare._seeds_python
+    for (key, got), index in zip(first, (12, 13)):  # each as if every generator had been seeded for it
+        seed_everything(sample_seed(0, 0, index))
+        assert key == (0, index) and got.tolist() == RareDrawDataset()[index].tolist()
 
 
 def test_loading_in_process_leaves_the_training_random_state_alone():
