@@ -8,7 +8,9 @@ worker, DataLoader ``num_workers=1, prefetch_factor=2, persistent_workers``. The
 
 - **elastic**: a ``WorkerGroup`` of W Ray actors driven as ``ElasticTrainer`` drives it.
 - **plain**: W processes with the classic loop (W = 2: DDP over gloo), the C allocator as it comes:
-  what a user runs today. The target is on this ratio.
+  what a user runs today. The target is on this ratio. Its ranks are started by ``spawn``, so their
+  DataLoader workers are spawned too: the faster choice for a plain loop (forked loader workers,
+  ``torchrun``'s default on Linux, made it ~35% slower without the malloc options; docs/design.md).
 - **plain, retained heap**: the same loop with the elastic workers' malloc options
   (``elastic/allocator.py``). It is a control: elastic / this ratio is the cost of the elastic
   machinery itself, with the allocator equal on both sides.
@@ -154,7 +156,8 @@ def report(results: Sequence[ThroughputResult], components: tuple[float, float],
         f"In one process: decode + augment {load_ms:.1f} ms per batch, training step without AdaScale {step_ms:.1f} ms on a ready batch. "
         f"Every arm: AdaScale-wrapped SGD (its cost is the same in all). Elastic: trainer-style calls of "
         f"auto steps with lookahead, workers with `cluster.retain_heap` (default); plain: the classic loop "
-        f"(DDP over gloo for 2 processes) with the C allocator as it comes; the control: the same loop with "
+        f"(DDP over gloo for 2 processes) with the C allocator as it comes, in processes started by spawn (so "
+        f"are its loader workers); the control: the same loop with "
         f"the workers' malloc options. {results[0].blocks if results else 0} timed blocks of "
         f"{results[0].block_steps if results else 0} steps per arm, taking turns.",
         "",

@@ -100,7 +100,6 @@ class StepPlan:
                          for j, i in enumerate(indices)])
         return keys
 
-
     def packed_shard(self, rank: int) -> list[list[int]]:
         """:meth:`shard_keys`, each micro-batch packed by :func:`pack_keys`: the form the driver sends."""
         return [pack_keys(keys) for keys in self.shard_keys(rank)]
