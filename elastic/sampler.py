@@ -113,8 +113,11 @@ def pack_keys(keys: Iterable[Sequence[int]]) -> list[int]:
     return [int(x) for key in keys for x in key]
 
 
-def unpack_keys(flat: Sequence[int]) -> list[tuple[int, int]]:
-    """The ``(epoch, index)`` keys of a list made by :func:`pack_keys`."""
+def unpack_keys(flat: Sequence[Any]) -> list[tuple[int, int]]:
+    """The ``(epoch, index)`` keys of a list made by :func:`pack_keys` (keys still given as pairs,
+    as callers of ``ElasticWorker.train_steps`` passed them before, are taken as they are)."""
+    if len(flat) and not isinstance(flat[0], (int, np.integer)):
+        return [(int(epoch), int(index)) for epoch, index in flat]
     if len(flat) % 2:
         raise SamplerError(f"packed sample keys come in (epoch, index) pairs: got {len(flat)} ints")
     return list(zip(flat[::2], flat[1::2]))

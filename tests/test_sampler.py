@@ -371,6 +371,7 @@ def test_packed_shards_carry_the_same_keys_as_plain_ints():
         assert all(type(x) is int for mb in packed for x in mb)  # Ray sends it in one piece
         assert [unpack_keys(mb) for mb in packed] == plan.shard_keys(rank)
     assert pack_keys([(2, 7), (3, 1)]) == [2, 7, 3, 1]
+    assert unpack_keys([(2, 7), (3, 1)]) == unpack_keys([2, 7, 3, 1]) == [(2, 7), (3, 1)]  # pairs pass through
     with pytest.raises(SamplerError, match="pairs"):
         unpack_keys([1, 2, 3])
 
