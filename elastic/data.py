@@ -148,12 +148,12 @@ class SeededDataset(Dataset):
                 torch.set_rng_state(saved[0])
                 random.setstate(saved[1])
                 np.random.set_state(saved[2])
-        if self._seeds_python and self._seeds_numpy:
-            return self._load(keys, python=True, numpy=True)
-        python_before, numpy_before = random.getstate(), _numpy_mark()
+        # Only the generators not yet seeded are watched (once both are, nothing is compared).
+        python_before = None if self._seeds_python else random.getstate()
+        numpy_before = None if self._seeds_numpy else _numpy_mark()
         items = self._load(keys, self._seeds_python, self._seeds_numpy)
-        python_drew = not self._seeds_python and random.getstate() != python_before
-        numpy_drew = not self._seeds_numpy and _numpy_mark() != numpy_before
+        python_drew = python_before is not None and random.getstate() != python_before
+        numpy_drew = numpy_before is not None and _numpy_mark() != numpy_before
         if python_drew or numpy_drew:
             self._seeds_python |= python_drew
             self._seeds_numpy |= numpy_drew
